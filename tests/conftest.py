@@ -1,0 +1,66 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import write_parquet_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = str(ROOT / "train" / "main.py")
+
+# Small and quick: resnet18 learns the synthetic classes in 2-3 epochs (MobileNets at 32 px do not).
+FAST = ["--arch", "resnet18", "--batch-size", "32", "--eval-batch-size", "64", "--lr", "0.02", "--epochs", "3",
+        "--log-every", "2"]
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_main(args, *, processes: int = 0, env=None, timeout=600, launch_args=()) -> subprocess.CompletedProcess:
+    """Run train/main.py as users do: plain python, or `accelerate launch` with N CPU processes (gloo)."""
+    if processes:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1",
+               "--dynamo_backend", "no", *launch_args]
+        cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+        cmd += [MAIN, *args]
+        env = child_env(ACCELERATE_USE_CPU="true", **(env or {}))
+    else:
+        cmd = [sys.executable, MAIN, *args]
+        env = child_env(**(env or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def read_metrics(run: Path) -> list:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """256 train / 101 test images (an odd test size, to catch DDP padding), hub parquet layout."""
+    return write_parquet_dataset(tmp_path_factory.mktemp("synthetic") / "ds")
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset_dir, tmp_path_factory) -> Path:
+    """One single-process training run, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "single"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST]))
+    return out

@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from train.augment import MEAN, STD, BatchTransform, crop_flip, random_crop_flip
+from train.data import Split, make_loader
+
+
+def _images(n=16, size=32, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("top, left, flip", [(0, 0, False), (8, 8, True), (3, 5, True), (4, 4, False), (7, 1, False)])
+def test_fixed_crop_and_flip_match_torchvision(top, left, flip):
+    images = _images(4)
+    ours = crop_flip(images, torch.full((4,), top), torch.full((4,), left), torch.full((4,), flip), padding=4)
+    theirs = TF.crop(TF.pad(images, [4]), top, left, 32, 32)
+    if flip:
+        theirs = TF.hflip(theirs)
+    assert torch.equal(ours, theirs)
+
+
+def test_normalisation_and_resize_match_torchvision():
+    images = _images(4)
+    expected = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), MEAN, STD)
+    assert torch.allclose(BatchTransform(32, train=False)(images), expected, atol=1e-6)
+    assert BatchTransform(64, train=False)(images).shape == (4, 3, 64, 64)
+    assert BatchTransform(224, train=True)(images).shape == (4, 3, 224, 224)
+
+
+def test_each_image_gets_its_own_crop_and_flip():
+    same = _images(1).expand(256, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    out = random_crop_flip(same)
+    distinct = {o.numpy().tobytes() for o in out}
+    assert len(distinct) > 100  # 81 offsets x 2 flips = 162 possibilities
+
+
+def test_crop_offsets_and_flips_are_uniform_like_torchvision():
+    # A single bright pixel reveals each sample's offset and flip.
+    n, padding = 20000, 4
+    images = torch.zeros(n, 1, 9, 9, dtype=torch.uint8)
+    images[:, :, 4, 4] = 255
+    torch.manual_seed(1)
+    out = random_crop_flip(images, padding)
+    visible = out.flatten(1).amax(1) > 0
+    # The pixel stays in view for every offset (it is the centre and padding < 5).
+    assert visible.all()
+    cols = out[:, 0].amax(1).argmax(1)  # column of the pixel: 4 + (4 - offset_x), mirrored when flipped
+    counts = torch.bincount(cols, minlength=9).float() / n
+    assert torch.allclose(counts, torch.full((9,), 1 / 9), atol=0.02)
+    rows = out[:, 0].amax(2).argmax(1)
+    assert torch.allclose(torch.bincount(rows, minlength=9).float() / n, torch.full((9,), 1 / 9), atol=0.02)
+
+
+def test_flips_happen_half_the_time():
+    images = torch.zeros(20000, 1, 4, 4, dtype=torch.uint8)
+    images[:, :, :, 0] = 255  # left column bright
+    torch.manual_seed(2)
+    out = random_crop_flip(images, padding=0)
+    flipped = (out[:, 0, 0, 3] == 255).float().mean()
+    assert abs(flipped - 0.5) < 0.02
+
+
+def test_same_seed_same_augmentation():
+    images = _images(32)
+    torch.manual_seed(7)
+    a = BatchTransform(32, train=True)(images)
+    torch.manual_seed(7)
+    b = BatchTransform(32, train=True)(images)
+    torch.manual_seed(8)
+    c = BatchTransform(32, train=True)(images)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_loader_keeps_labels_with_their_images():
+    labels = torch.arange(100) % 7
+    images = labels.view(-1, 1, 1, 1).expand(-1, 3, 8, 8).to(torch.uint8).contiguous()  # pixel value = label
+    loader = make_loader(Split(images, labels), batch_size=16, shuffle_seed=3)
+    seen = []
+    for x, y in loader:
+        assert torch.equal(x[:, 0, 0, 0].long(), y)
+        seen.append(y)
+    assert torch.cat(seen).sort().values.tolist() == labels.sort().values.tolist()
+
+
+def test_shuffle_order_depends_only_on_seed_and_epoch():
+    split = Split(torch.zeros(50, 3, 2, 2, dtype=torch.uint8), torch.arange(50))
+
+    def order(seed, epoch):
+        loader = make_loader(split, batch_size=50, shuffle_seed=seed)
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))[1].tolist()
+
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(0, 2) and order(0, 1) != order(1, 1)

@@ -1,0 +1,57 @@
+"""Each kind of bad input: one line on stderr naming the problem, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MAIN, ROOT, child_env
+from test_data import write_out_of_range_labels
+
+CASES = {
+    "unknown arch": (["--arch", "mobilenet_v5"], {}, "unknown --arch 'mobilenet_v5'; did you mean mobilenet_v2"),
+    "missing dataset": (["--dataset", "{tmp}/no/such/dataset"], {}, "does not exist"),
+    "no image column": (["--dataset", "{noimg}"], {}, "no image column"),
+    "labels out of range": (["--dataset", "{badlabels}"], {}, "outside the 4 classes"),
+    "batch size": (["--batch-size", "0"], {}, "--batch-size must be positive"),
+    "epochs": (["--epochs", "0"], {}, "--epochs must be positive"),
+    "lr": (["--lr", "-0.1"], {}, "--lr must be positive"),
+    "val size": (["--val-size", "1.0"], {}, "--val-size must be in [0, 1)"),
+    "fp16 on cpu": (["--dataset", "{good}"], {"ACCELERATE_MIXED_PRECISION": "fp16", "CUDA_VISIBLE_DEVICES": ""},
+                    "use --mixed_precision bf16"),
+    "config unknown key": (["--config", "{badconfig}"], {}, "unknown key 'learning_rate'"),
+    # torchvision downloads ImageNet weights at run time; with no route out that must be one line too.
+    "pretrained offline": (["--dataset", "{good}", "--arch", "resnet18", "--pretrained"],
+                           {"TORCH_HOME": "{tmp}/torch-home", "https_proxy": "http://127.0.0.1:9",
+                            "HTTPS_PROXY": "http://127.0.0.1:9"}, "could not download ImageNet weights for resnet18"),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, dataset_dir):
+    """Start every case at once (each is a cold Python start), then collect them."""
+    import datasets
+
+    tmp = tmp_path_factory.mktemp("bad")
+    noimg = tmp / "noimg"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"x": [1, 2], "label": [0, 1]}).cast_column(
+        "label", datasets.ClassLabel(names=["a", "b"])) for s in ("train", "test")}).save_to_disk(str(noimg))
+    (tmp / "bad.yaml").write_text("learning_rate: 0.1\n")
+    places = {"tmp": tmp, "noimg": noimg, "badlabels": write_out_of_range_labels(tmp / "badlabels"),
+              "good": dataset_dir, "badconfig": tmp / "bad.yaml"}
+    procs = {}
+    for name, (args, env, _) in CASES.items():
+        argv = [a.format(**places) for a in args] + ["--output-dir", str(tmp / "runs" / name.replace(" ", "-"))]
+        env = {k: v.format(**places) for k, v in env.items()}
+        procs[name] = subprocess.Popen([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(outcomes, case):
+    code, out, err = outcomes[case]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert CASES[case][2] in lines[0]

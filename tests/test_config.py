@@ -1,0 +1,42 @@
+import pytest
+
+from train.config import parse_config
+from train.errors import UsageError
+
+
+def test_defaults_yaml_and_command_line_in_that_order(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("arch: resnet18\nlr: 1\nbatch-size: 64\nscheduler: step\n")
+    cfg = parse_config(["--config", str(file), "--batch-size", "8"])
+    assert cfg.arch == "resnet18"  # from the file
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # YAML int accepted for a float option
+    assert cfg.batch_size == 8  # the command line wins
+    assert cfg.epochs == 30  # default
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 0.1\n", "unknown key 'learning_rate'"),
+    ("epochs: ten\n", "'epochs' must be int"),
+    ("scheduler: linear\n", "--scheduler must be one of"),
+    ("- a\n- b\n", "must hold a mapping"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    file = tmp_path / "c.yaml"
+    file.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        parse_config(["--config", str(file)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--val-size", "1"], r"--val-size must be in \[0, 1\)"),
+    (["--val-size", "-0.1"], r"--val-size must be in \[0, 1\)"),
+    (["--optimizer", "lamb"], "invalid choice"),
+    (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--config", "missing.yaml"], "does not exist"),
+])
+def test_bad_options(args, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(args)

@@ -1,0 +1,122 @@
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from synthetic import CLASS_NAMES, make_images, write_parquet_dataset
+from train.data import load_image_data
+from train.errors import UsageError
+
+
+def cfg(dataset, **kw):
+    base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_parquet_in_hub_layout(dataset_dir):
+    data = load_image_data(cfg(dataset_dir))
+    assert data.class_names == CLASS_NAMES
+    assert data.train.images.shape == (230, 3, 32, 32) and data.train.images.dtype.is_floating_point is False
+    assert len(data.val) == 26 and len(data.test) == 101
+    # Stratified: every class is in the validation part in proportion.
+    assert np.bincount(data.val.labels.numpy(), minlength=4).min() >= 6
+
+
+def test_split_is_fixed_by_seed(dataset_dir):
+    a = load_image_data(cfg(dataset_dir, seed=1)).val.labels
+    b = load_image_data(cfg(dataset_dir, seed=1)).val.images
+    c = load_image_data(cfg(dataset_dir, seed=2)).val.images
+    assert len(a) == len(b)
+    assert (b == load_image_data(cfg(dataset_dir, seed=1)).val.images).all()
+    assert not (b == c).all()
+
+
+def test_val_size_zero_validates_on_test(dataset_dir):
+    data = load_image_data(cfg(dataset_dir, val_size=0))
+    assert len(data.train) == 256 and data.val is data.test
+    assert "test split" in data.val_source
+
+
+def test_decoded_pixels_are_the_images(tmp_path):
+    root = write_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    data = load_image_data(cfg(root, val_size=0))
+    images, _ = make_images(4, seed=1)
+    assert np.array_equal(data.test.images[0].permute(1, 2, 0).numpy(), images[0])  # PNG is lossless
+
+
+def test_imagefolder_and_save_to_disk(tmp_path):
+    images, labels = make_images(12, seed=0)
+    for split in ("train", "test"):
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "folder" / split / CLASS_NAMES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    data = load_image_data(cfg(tmp_path / "folder", val_size=0))
+    assert sorted(data.class_names) == sorted(CLASS_NAMES) and len(data.test) == 12
+
+    ds = datasets.load_dataset(str(write_parquet_dataset(tmp_path / "pq", n_train=20, n_test=8)))
+    ds.save_to_disk(str(tmp_path / "disk"))
+    data = load_image_data(cfg(tmp_path / "disk", val_size=0))
+    assert data.class_names == CLASS_NAMES and len(data.train) == 20
+
+
+def test_columns_found_by_feature_type_or_named(tmp_path):
+    ds = datasets.load_dataset(str(write_parquet_dataset(tmp_path / "pq", n_train=20, n_test=8)))
+    ds = ds.rename_columns({"img": "picture", "label": "kind"})
+    ds.save_to_disk(str(tmp_path / "renamed"))
+    assert len(load_image_data(cfg(tmp_path / "renamed", val_size=0)).test) == 8
+    data = load_image_data(cfg(tmp_path / "renamed", val_size=0, image_column="picture", label_column="kind"))
+    assert data.class_names == CLASS_NAMES
+    with pytest.raises(UsageError, match="no image column photo"):
+        load_image_data(cfg(tmp_path / "renamed", image_column="photo"))
+
+
+def test_dataset_without_image_column(tmp_path):
+    plain = datasets.DatasetDict({s: datasets.Dataset.from_dict({"x": [1, 2], "label": [0, 1]}).cast_column(
+        "label", datasets.ClassLabel(names=["a", "b"])) for s in ("train", "test")})
+    plain.save_to_disk(str(tmp_path / "noimg"))
+    with pytest.raises(UsageError, match="no image column"):
+        load_image_data(cfg(tmp_path / "noimg"))
+
+
+def test_label_column_that_is_not_a_classlabel(tmp_path):
+    ds = datasets.load_dataset(str(write_parquet_dataset(tmp_path / "pq", n_train=20, n_test=8)))
+    ds = ds.cast_column("label", datasets.Value("int64"))
+    ds.save_to_disk(str(tmp_path / "intlabels"))
+    with pytest.raises(UsageError, match="no label column"):
+        load_image_data(cfg(tmp_path / "intlabels"))
+    with pytest.raises(UsageError, match="not a ClassLabel"):
+        load_image_data(cfg(tmp_path / "intlabels", label_column="label"))
+
+
+def write_out_of_range_labels(root: Path) -> Path:
+    """Parquet whose metadata declares 4 classes but whose labels reach 5 (as a broken export would)."""
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    meta = {b"huggingface": json.dumps({"info": {"features": features.to_dict()}}).encode()}
+    (root / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        images, labels = make_images(20, seed=0)
+        encoded = [datasets.Image().encode_example(Image.fromarray(a)) for a in images]
+        image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        table = pa.table({"img": pa.array(encoded, type=image_type),
+                          "label": pa.array([min(5, l + 2) for l in labels], type=pa.int64())})
+        table = table.replace_schema_metadata(meta)
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def test_labels_outside_the_class_range(tmp_path):
+    with pytest.raises(UsageError, match="outside the 4 classes"):
+        load_image_data(cfg(write_out_of_range_labels(tmp_path / "bad")))
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_image_data(cfg(tmp_path / "nothing" / "here"))

@@ -1,0 +1,152 @@
+"""One config object: dataclass defaults < YAML file (--config) < command line.
+
+The resolved config is written beside the run as config.yaml, so a run can be
+repeated with `--config runs/X/config.yaml`.
+"""
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from train.errors import UsageError
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = _opt("uoft-cs/cifar10", "hub id, or a folder that datasets.load_dataset / load_from_disk reads")
+    image_column: str = _opt("", "image column (default: the dataset's Image feature)")
+    label_column: str = _opt("", "label column (default: the dataset's ClassLabel feature)")
+    val_size: float = _opt(0.1, "fraction of `train` held out for validation (stratified); 0 validates on `test`")
+    image_size: int = _opt(32, "side of the square network input, in pixels")
+    num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
+    # model
+    arch: str = _opt("mobilenet_v2", "any torchvision classification builder, e.g. mobilenet_v3_large, resnet18")
+    pretrained: bool = _opt(False, "start from torchvision's ImageNet weights (downloaded by torchvision)")
+    # optimisation
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(128, "training batch size per process")
+    eval_batch_size: int = _opt(256, "evaluation batch size per process")
+    optimizer: str = _opt("sgd", "optimizer", choices=("sgd", "adamw"))
+    lr: float = _opt(0.05, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    scheduler: str = _opt("cosine", "learning-rate schedule", choices=("none", "cosine", "step", "onecycle"))
+    warmup_epochs: float = _opt(0.0, "linear warmup, in epochs (may be fractional)")
+    lr_step_size: int = _opt(0, "--scheduler step: epochs between decays (0: a third of the epochs)")
+    lr_gamma: float = _opt(0.1, "--scheduler step: decay factor")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss")
+    grad_accum_steps: int = _opt(1, "batches per optimizer step")
+    clip_grad_norm: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    seed: int = _opt(0, "seed for the split, initialisation, data order and augmentation")
+    # run control
+    output_dir: str = _opt("", "run folder (default: runs/<arch>-<timestamp>)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in all (0: no limit); for smoke runs")
+    limit_batches: int = _opt(0, "use at most this many batches per epoch of every split (0: all); for smoke runs")
+    log_every: int = _opt(50, "optimizer steps between progress-bar updates")
+    eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
+    checkpoint: str = _opt("", "with --eval-only: a model.safetensors file or a run folder holding one")
+
+    def validate(self) -> "Config":
+        for f in fields(self):  # argparse checks choices on the command line, not in YAML defaults
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
+                                 f"got '{getattr(self, f.name)}'")
+        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "image_size", "grad_accum_steps", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        non_negative = ("num_workers", "max_steps", "limit_batches", "warmup_epochs", "weight_decay",
+                        "clip_grad_norm", "lr_step_size", "momentum")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.val_size < 1:
+            raise UsageError(f"--val-size must be in [0, 1), got {self.val_size}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_only and not self.checkpoint:
+            raise UsageError("--eval-only needs --checkpoint PATH (a model.safetensors or a run folder)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="Train a torchvision classifier on a Hugging Face image dataset with Accelerate.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML file of options; the command line overrides it")
+    for f in fields(Config):
+        flag, help = f"--{_flag(f.name)}", f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help,
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def load_yaml_options(path: str) -> dict:
+    """Read a config file into {field name: value}, refusing unknown keys and wrong types."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option: value")
+    types = {f.name: f.type for f in fields(Config)}
+    options = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name == "environment":  # versions recorded in a run's config.yaml, not options
+            continue
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"config file {path}: unknown key '{key}'{hint}")
+        options[name] = _coerce(path, key, value, types[name])
+    return options
+
+
+def _coerce(path, key, value, kind):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and value is None:
+        return ""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"config file {path}: '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_config(argv=None) -> Config:
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml_options(known.config))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return Config(**args).validate()

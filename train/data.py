@@ -1,0 +1,181 @@
+"""Hugging Face dataset -> decoded uint8 tensors -> index-batched DataLoaders.
+
+Each split is decoded once into an (N, 3, H, W) uint8 tensor: per-item PIL
+decoding through `with_transform` costs more than a small network's forward
+pass. Augmentation then runs per batch on the training device (train/augment.py).
+"""
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from train.errors import UsageError
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, indices) -> "Split":
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclass
+class ImageData:
+    train: Split
+    val: Split
+    test: Split
+    class_names: list
+    val_source: str  # where validation images come from, for the report
+
+    def limit(self, batches: int, batch_size: int, eval_batch_size: int, world_size: int) -> None:
+        """Keep the first `batches` batches of every split (--limit-batches, for smoke runs)."""
+        self.train = self.train.subset(range(min(len(self.train), batches * batch_size * world_size)))
+        self.val = self.val.subset(range(min(len(self.val), batches * eval_batch_size * world_size)))
+        self.test = self.test.subset(range(min(len(self.test), batches * eval_batch_size * world_size)))
+
+    def sizes(self) -> dict:
+        return {"train": len(self.train), "val_source": self.val_source, "test": len(self.test)}
+
+
+def load_image_data(cfg) -> ImageData:
+    splits = _load_dataset_dict(cfg.dataset)
+    for needed in ("train", "test"):
+        if needed not in splits:
+            raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
+    image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
+    train = decode_split(splits["train"], image_col, label_col, len(class_names))
+    test = decode_split(splits["test"], image_col, label_col, len(class_names))
+    if cfg.val_size == 0:
+        return ImageData(train, test, test, class_names, "the test split (--val-size 0)")
+    train_idx, val_idx = train_test_split(np.arange(len(train)), test_size=cfg.val_size,
+                                          stratify=train.labels.numpy(), random_state=cfg.seed)
+    source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
+    return ImageData(train.subset(train_idx), train.subset(val_idx), test, class_names, source)
+
+
+def _load_dataset_dict(name: str):
+    import datasets  # slow import; keep it off the --help path
+
+    datasets.disable_progress_bars()  # our own bar reports progress; theirs would bury error lines
+    datasets.logging.set_verbosity_error()
+    path = Path(name)
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise UsageError(f"dataset path {name} does not exist")
+    try:
+        if (path / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(str(path))
+        loaded = datasets.load_dataset(name)
+    except Exception as e:  # offline hub, missing files, bad layout: all the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load dataset {name}: {first}") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise UsageError(f"dataset {name} must have named splits (train, test)")
+    return loaded
+
+
+def find_columns(features, cfg):
+    """Return (image column, label column, class names) from the dataset's features."""
+    import datasets
+
+    image_col = cfg.image_column or next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+    label_col = cfg.label_column or next((k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None)
+    if image_col is None or image_col not in features:
+        raise UsageError(f"dataset {cfg.dataset} has no image column {image_col or ''} (columns: "
+                         f"{', '.join(features)}); name it with --image-column")
+    if label_col is None or label_col not in features:
+        raise UsageError(f"dataset {cfg.dataset} has no label column {label_col or ''} (columns: "
+                         f"{', '.join(features)}); name it with --label-column")
+    label_feature = features[label_col]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        raise UsageError(f"label column '{label_col}' is {label_feature}, not a ClassLabel: class names are "
+                         "unknown; cast it with dataset.cast_column(..., ClassLabel(names=[...]))")
+    return image_col, label_col, list(label_feature.names)
+
+
+def decode_split(ds, image_col, label_col, num_classes) -> Split:
+    import datasets
+
+    labels = torch.tensor(ds.data.column(label_col).to_numpy(zero_copy_only=False), dtype=torch.long)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise UsageError(f"label column '{label_col}' holds {labels[bad][0].item()}, outside the "
+                         f"{num_classes} classes 0..{num_classes - 1}")
+    raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
+    images = _decode_images(raw)
+    return Split(images, labels)
+
+
+def _decode_images(raw: list) -> torch.Tensor:
+    first = _open(raw[0]) if raw else None
+    size = first.size if first else (0, 0)
+    out = np.empty((len(raw), size[1], size[0], 3), dtype=np.uint8)
+    for i, item in enumerate(raw):
+        img = _open(item)
+        if img.size != size:  # mixed sizes: store every image at the first one's size
+            img = img.resize(size, Image.BILINEAR)
+        out[i] = np.asarray(img)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _open(item) -> Image.Image:
+    source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+    return Image.open(source).convert("RGB")
+
+
+class _Indices(Dataset):
+    """Yields indices; the collate function gathers whole batches from the split's tensors at once."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+class _GatherBatch:
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __call__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.split.images[idx], self.split.labels[idx]
+
+
+class EpochShuffle(Sampler):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_loader(split: Split, batch_size: int, *, shuffle_seed=None, num_workers=0) -> DataLoader:
+    sampler = EpochShuffle(len(split), shuffle_seed) if shuffle_seed is not None else None
+    return DataLoader(_Indices(len(split)), batch_size=batch_size, sampler=sampler,
+                      collate_fn=_GatherBatch(split), num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)

@@ -1,0 +1,48 @@
+"""Optimizer and learning-rate schedule, both counted in optimizer steps of one process.
+
+Each process takes the same number of optimizer steps whatever the world size,
+so the schedule is stepped once per optimizer step (Accelerate is told not to
+multiply it by the number of processes).
+"""
+
+import math
+
+import torch
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases, as in torchvision's reference recipes.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(warmup_epochs(cfg) * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.scheduler == "none":
+        return 1.0
+    if cfg.scheduler == "step":
+        step_size = (cfg.lr_step_size or max(1, cfg.epochs // 3)) * steps_per_epoch
+        return cfg.lr_gamma ** ((step - warmup) // step_size)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.scheduler == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    # onecycle: after the warmup, anneal to 1/1000 of the peak (OneCycleLR's default end), cosine-shaped.
+    return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_epochs(cfg) -> float:
+    if cfg.scheduler == "onecycle" and cfg.warmup_epochs == 0:
+        return 0.3 * cfg.epochs  # OneCycleLR's default pct_start
+    return cfg.warmup_epochs
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))

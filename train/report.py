@@ -1,0 +1,105 @@
+"""Plots and a readable report.md for a finished run (the lab report, written by the program)."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # compute nodes have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(path: Path, history: list, best_epoch: int) -> None:
+    epochs = [r["epoch"] for r in history]
+    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),
+                               ("accuracy.png", ("train_acc", "val_acc"), "accuracy")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            ax.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_", " "))
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path / name, dpi=100)
+        plt.close(fig)
+
+
+def plot_confusion(path: Path, matrix: list, class_names: list) -> None:
+    cm = np.asarray(matrix)
+    size = max(5, 0.6 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
+    if len(class_names) <= 20:
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+
+
+def _duration(seconds: float) -> str:
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note: dict) -> None:
+    lines = [f"# {cfg['arch']} on {cfg['dataset']}", "", "| result | value |", "|---|---|"]
+    if history:
+        lines += [f"| best epoch (by validation macro-F1) | {summary['best_epoch']} of {len(history)} |",
+                  f"| best validation macro-F1 | {summary['best_val_f1_macro']:.4f} |"]
+    else:
+        lines += [f"| evaluated weights | {cfg['checkpoint']} |"]
+    lines += [f"| test accuracy | {_pct(summary['test_acc'])} |",
+              f"| test macro-F1 | {summary['test_f1_macro']:.4f} |",
+              f"| test loss | {summary['test_loss']:.4f} |",
+              f"| test images | {summary['num_test_samples']} |",
+              f"| run time | {_duration(summary['wall_seconds'])} |",
+              f"| processes, precision | {summary['world_size']}, {summary['mixed_precision']} |", ""]
+    if history:
+        lines += ["Test metrics use the weights of the best epoch; validation picks that epoch, "
+                  "so the test split is never used to choose.", ""]
+    lines += ["## Data", "",
+              f"- train: {data_note['train']} images", f"- validation: {data_note['val_source']}",
+              f"- test: {data_note['test']} images", "",
+              "## Hyperparameters", "", "| option | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in cfg.items()]
+    lines += ["", "## Per-class test accuracy", "", "| class | accuracy | images |", "|---|---|---|"]
+    support = np.asarray(summary["confusion_matrix"]).sum(axis=1)
+    for (name, acc), n in zip(summary["test_per_class_accuracy"].items(), support):
+        lines.append(f"| {name} | {_pct(acc)} | {int(n)} |")
+    if history:
+        lines += _epoch_log(history, summary["best_epoch"])
+    figures = (["loss", "accuracy"] if history else []) + ["confusion_matrix"]
+    lines += ["", "## Figures", ""] + [f"![{name.replace('_', ' ')}]({name}.png)\n" for name in figures]
+    (path / "report.md").write_text("\n".join(lines))
+
+
+def _epoch_log(history: list, best_epoch: int) -> list:
+    lines = ["", "## Per-epoch log", "",
+             "| epoch | train loss | train acc | val loss | val acc | val macro-F1 | lr | seconds | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in history:
+        mark = " **best**" if r["epoch"] == best_epoch else ""
+        lines.append(f"| {r['epoch']}{mark} | {r['train_loss']:.4f} | {_pct(r['train_acc'])} | {r['val_loss']:.4f} "
+                     f"| {_pct(r['val_acc'])} | {r['val_f1_macro']:.4f} | {r['lr']:.3g} | {r['epoch_seconds']:.1f} "
+                     f"| {r['images_per_second']:.0f} |")
+    return lines
+
+
+def write_all(path: Path, cfg: dict, summary: dict, history: list, class_names: list, data_note: dict) -> None:
+    if history:
+        plot_curves(path, history, summary["best_epoch"])
+    plot_confusion(path, summary["confusion_matrix"], class_names)
+    write_report(path, cfg, summary, history, data_note)

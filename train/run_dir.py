@@ -1,0 +1,50 @@
+"""The run folder: resolved config, per-epoch metrics, summary. Written by the main process only."""
+
+import json
+import platform
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from train.errors import UsageError
+
+CONFIG, METRICS, SUMMARY, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
+
+
+def default_output_dir(arch: str) -> str:
+    return str(Path("runs") / f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def refuse_to_overwrite(path: Path) -> None:
+    """A finished or started run is the user's work: never write over it silently."""
+    for name in (CONFIG, METRICS, SUMMARY, MODEL):
+        if (path / name).exists():
+            raise UsageError(f"{path} already holds a run ({name}); choose another --output-dir")
+
+
+def environment(world_size: int, mixed_precision: str) -> dict:
+    import accelerate
+    import datasets
+    import torch
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "python": platform.python_version(), "world_size": world_size,
+            "mixed_precision": mixed_precision}
+
+
+def write_config(path: Path, config: dict, env: dict) -> None:
+    # `environment` is informative; --config ignores it, so the file can be fed back as is.
+    text = yaml.safe_dump(config, sort_keys=False) + yaml.safe_dump({"environment": env}, sort_keys=False)
+    (path / CONFIG).write_text(text)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    (path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
