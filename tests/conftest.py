@@ -40,7 +40,8 @@ def run_main(args, *, processes: int = 0, env=None, timeout=600, launch_args=())
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -63,4 +64,35 @@ def trained_run(dataset_dir, tmp_path_factory) -> Path:
     """One single-process training run, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("runs") / "single"
     check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST]))
+    return out
+
+
+# 230 training images / 32 = 8 steps an epoch, 24 in all; a checkpoint every 3 steps and at each epoch end.
+RESUME_ARGS = [*FAST, "--checkpoint-every-steps", "3", "--resume", "auto"]
+TEST_KEYS = ("test_loss", "test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matrix",
+             "num_test_samples", "best_epoch", "best_val_f1_macro", "steps")
+EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1_macro", "lr", "step")
+
+
+def resume_args(dataset, out):
+    return ["--dataset", str(dataset), "--output-dir", str(out), *RESUME_ARGS]
+
+
+def assert_same_run(run, reference):
+    """Bit-identical best weights, test metrics and per-epoch metrics (timings aside)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "best weights differ"
+    got, want = read_summary(run), read_summary(reference)
+    assert {k: got[k] for k in TEST_KEYS} == {k: want[k] for k in TEST_KEYS}
+    assert [{k: r[k] for k in EPOCH_KEYS} for r in read_metrics(run)] == \
+           [{k: r[k] for k in EPOCH_KEYS} for r in read_metrics(reference)]
+
+
+@pytest.fixture(scope="session")
+def resume_reference(dataset_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run that interrupted-and-resumed runs must reproduce exactly."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    check(run_main(resume_args(dataset_dir, out)))
     return out

@@ -35,7 +35,7 @@ def write_parquet_dataset(root: Path, n_train: int = 256, n_test: int = 101, see
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         images, labels = make_images(n, split_seed, len(class_names))
         ds = datasets.Dataset.from_dict(
-            {"img": [Image.fromarray(a) for a in images], "label": [l + label_offset for l in labels]},
+            {"img": [Image.fromarray(a) for a in images], "label": [label + label_offset for label in labels]},
             features=features if not label_offset else None)
         if not label_offset:
             ds = ds.cast(features)

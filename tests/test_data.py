@@ -106,7 +106,7 @@ def write_out_of_range_labels(root: Path) -> Path:
         encoded = [datasets.Image().encode_example(Image.fromarray(a)) for a in images]
         image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
         table = pa.table({"img": pa.array(encoded, type=image_type),
-                          "label": pa.array([min(5, l + 2) for l in labels], type=pa.int64())})
+                          "label": pa.array([min(5, label + 2) for label in labels], type=pa.int64())})
         table = table.replace_schema_metadata(meta)
         pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
     return root

@@ -1,7 +1,16 @@
-"""The best model as safetensors, written atomically, with its arch and classes in the metadata."""
+"""Model files and training checkpoints, written atomically and verified before use.
 
+The best model is a safetensors file with its arch and class names in the metadata.
+Nothing here unpickles arbitrary objects: weights are safetensors, Accelerate's
+optimizer/scheduler/RNG files are read with torch.load(weights_only=True), the rest is JSON.
+"""
+
+import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,6 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from train.errors import UsageError
+from train.failpoints import failpoint
+
+MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
 
 
 def cpu_state_dict(model: torch.nn.Module) -> dict:
@@ -29,17 +41,160 @@ def save_model(state_dict: dict, path: Path, arch: str, class_names: list) -> No
 
 
 def load_model(path: Path) -> tuple:
-    """Return (state_dict, arch, class_names) from a model.safetensors, or a one-line UsageError."""
+    """Return (state_dict, arch, class_names) from a model.safetensors, a run folder holding one, or a
+    training checkpoint folder; or a one-line UsageError."""
     path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        saved = json.loads((path / TRAINER_STATE).read_text())
+        state_dict, _, _ = _read_model_file(path / MODEL_FILE, require_metadata=False)
+        return _unwrapped(state_dict), saved["arch"], saved["class_names"]
+    return _read_model_file(path / MODEL_FILE if path.is_dir() else path)
+
+
+def _unwrapped(state_dict: dict) -> dict:
+    # Accelerate saves the prepared model: keys may carry DDP's "module." or torch.compile's "_orig_mod.".
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def _read_model_file(path: Path, require_metadata: bool = True) -> tuple:
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         state_dict = load_file(str(path))
+        if not require_metadata:
+            return state_dict, None, None
         class_names = json.loads(metadata["class_names"])
         arch = metadata["arch"]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise UsageError(f"{path} is not a readable model file of this project ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'missing metadata'})") from None
     return state_dict, arch, class_names
+
+
+# ---------------------------------------------------------------------------
+# Full training state for exact resume: checkpoints/<name>/ holds Accelerate's
+# save_state files (model, optimizer, scheduler, scaler, RNG), trainer_state.json
+# (counters, best metric, metrics history, partial epoch totals), the best weights
+# so far, and manifest.json (size and sha256 of every file), written last.
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+BEST = "best.safetensors"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is incomplete, corrupt, or from another model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
+    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(state) -> str:
+    # (epoch, batch) orders checkpoints; the step is there for people.
+    return f"e{state.epoch:04d}-b{state.batch_in_epoch:06d}-step{state.step:08d}"
+
+
+class Checkpointer:
+    def __init__(self, accelerator, run_folder: Path, keep: int, arch: str, class_names: list):
+        self.accelerator, self.root, self.keep = accelerator, Path(run_folder) / CHECKPOINTS, keep
+        self.identity = {"arch": arch, "class_names": class_names}
+        self.saves = 0
+
+    def save(self, state, best_state) -> Path:
+        """Every rank calls this; the folder appears under its final name only once complete."""
+        acc, self.saves = self.accelerator, self.saves + 1
+        final = self.root / checkpoint_name(state)
+        tmp = self.root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's RNG file is in place
+        if acc.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps({**self.identity, **dataclasses.asdict(state)}))
+            if best_state is not None:
+                save_file(best_state, str(tmp / BEST))
+            failpoint("kill_during_save", self.saves)
+            _fsync_tree(tmp)
+            _write_manifest(tmp)
+            if final.exists():  # an identical position saved before a crash: replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def complete(self) -> list:
+        """Complete checkpoints, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                 and (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def _rotate(self) -> None:
+        for old in self.complete()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def remove_partial(self) -> None:
+        """Temporary folders left by a crash during saving are never complete: drop them."""
+        if self.accelerator.is_main_process and self.root.is_dir():
+            for p in self.root.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def verify(self, folder: Path) -> dict:
+        """Check the manifest and identity; return the trainer state, or raise CheckpointError naming the file."""
+        folder = Path(folder)
+        manifest_file = folder / MANIFEST
+        try:
+            files = json.loads(manifest_file.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {manifest_file} is missing or unreadable"
+                                  ) from None
+        for name, expected in files.items():
+            path = folder / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file {path} is missing")
+            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+                raise CheckpointError(f"checkpoint file {path} is truncated or corrupt (size or sha256 differs "
+                                      f"from {manifest_file.name})")
+        saved = json.loads((folder / TRAINER_STATE).read_text())
+        for key, value in self.identity.items():
+            if saved.get(key) != value:
+                raise CheckpointError(f"checkpoint {folder / TRAINER_STATE} is for {key} {saved.get(key)!r}, "
+                                      f"this run has {value!r}")
+        return saved
+
+    def load(self, folder: Path) -> tuple:
+        """Restore every prepared object from `folder`; return (trainer state dict, best weights or None)."""
+        saved = self.verify(folder)
+        try:
+            self.accelerator.load_state(str(folder))
+        except Exception as e:  # e.g. a shape mismatch the manifest could not see
+            raise CheckpointError(f"checkpoint {folder} could not be loaded: {str(e).splitlines()[0]}") from None
+        best = load_file(str(folder / BEST)) if (folder / BEST).is_file() else None
+        return saved, best

@@ -52,6 +52,18 @@ class Config:
     max_steps: int = _opt(0, "stop after this many optimizer steps in all (0: no limit); for smoke runs")
     limit_batches: int = _opt(0, "use at most this many batches per epoch of every split (0: all); for smoke runs")
     log_every: int = _opt(50, "optimizer steps between progress-bar updates")
+    resume: str = _opt("", "'auto': continue from the newest complete checkpoint in --output-dir (fresh if none); "
+                             "or a checkpoint folder")
+    checkpoint_every_steps: int = _opt(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
+    keep_checkpoints: int = _opt(2, "newest checkpoints kept; the best model is kept apart")
+    wandb: bool = _opt(True, "log to Weights & Biases when wandb is installed (--no-wandb: off, never imported)")
+    wandb_mode: str = _opt("", "online, offline or disabled (default: WANDB_MODE / W&B's settings)",
+                           choices=("", "online", "offline", "disabled"))
+    wandb_project: str = _opt("", "W&B project (default: WANDB_PROJECT, else cifar-accelerate)")
+    wandb_entity: str = _opt("", "W&B entity (team or user)")
+    wandb_group: str = _opt("", "W&B group (default: sweep-<array job id> under a Slurm array)")
+    run_name: str = _opt("", "W&B run name (default: <arch>-lr<lr>-bs<batch>[-job<Slurm job>])")
+    tags: str = _opt("", "comma-separated W&B tags")
     eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
     checkpoint: str = _opt("", "with --eval-only: a model.safetensors file or a run folder holding one")
 
@@ -65,8 +77,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("num_workers", "max_steps", "limit_batches", "warmup_epochs", "weight_decay",
-                        "clip_grad_norm", "lr_step_size", "momentum")
+        non_negative = ("num_workers", "max_steps", "checkpoint_every_steps", "limit_batches", "warmup_epochs",
+                        "weight_decay", "clip_grad_norm", "lr_step_size", "momentum")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -74,6 +86,10 @@ class Config:
             raise UsageError(f"--val-size must be in [0, 1), got {self.val_size}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.resume == "auto" and not self.output_dir:
+            raise UsageError("--resume auto needs --output-dir: the run folder to continue")
         if self.eval_only and not self.checkpoint:
             raise UsageError("--eval-only needs --checkpoint PATH (a model.safetensors or a run folder)")
         return self

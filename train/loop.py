@@ -22,6 +22,37 @@ class TrainState:
     best_epoch: int = 0  # 1-based; 0 before any validation
     best_val_f1_macro: float = -1.0
     history: list = field(default_factory=list)  # one metrics record per finished epoch
+    partial: list = field(default_factory=list)  # per rank: this epoch's [loss sum, correct, seen] so far
+    partial_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of earlier attempts, for a resumed run's total run time
+
+
+@dataclass
+class Parts:
+    """The prepared objects of a training run."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    train_loader: object
+    val_loader: object
+
+
+class Hooks:
+    """What the run does around the loop; the defaults do nothing."""
+
+    def on_step(self, state: TrainState, snapshot) -> None:
+        """After each optimizer step; call snapshot() (on every rank) before saving the state."""
+
+    def on_log(self, state: TrainState, values: dict) -> None:
+        """Every --log-every optimizer steps, with running train loss, lr and throughput."""
+
+    def on_epoch_end(self, state: TrainState, record: dict, improved: bool) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
 
 
 @dataclass
@@ -37,79 +68,112 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + batch) * 1009 + rank
 
 
-def train_one_epoch(accelerator, model, optimizer, scheduler, loader, cfg, state: TrainState,
-                    should_stop=lambda: False) -> dict:
-    """Train until the loader ends, --max-steps, or should_stop(); return summed loss/correct/seen."""
+def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple:
+    """Train from state.batch_in_epoch until the epoch ends ("end"), --max-steps ("max_steps") or a
+    stop request ("signal"). Return (loss sum, correct, seen) over all processes, seconds, and the reason."""
+    acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     model.train()
     transform = BatchTransform(cfg.image_size, train=True)
-    totals = torch.zeros(3, device=accelerator.device)  # loss sum, correct, seen
-    loader.set_epoch(state.epoch)
-    batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-    batches.set_epoch(state.epoch)
-    bar = tqdm(total=len(loader), initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-               disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
-    start, stopped = time.perf_counter(), False
+    if state.batch_in_epoch == 0:
+        state.partial, state.partial_seconds = [], 0.0
+    totals = torch.tensor(_resumed_totals(state.partial, acc), device=acc.device)
+    parts.train_loader.set_epoch(state.epoch)
+    batches = parts.train_loader
+    if state.batch_in_epoch:
+        batches = acc.skip_first_batches(parts.train_loader, state.batch_in_epoch)
+        batches.set_epoch(state.epoch)
+    bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
+               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not acc.is_main_process)
+    start, reason = time.perf_counter() - state.partial_seconds, "end"
+
+    def snapshot():
+        state.partial = acc.gather(totals.clone()[None]).tolist()
+        state.partial_seconds = time.perf_counter() - start
+
     for images, labels in batches:
-        torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
-        with accelerator.accumulate(model):
+        torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, acc.process_index))
+        with acc.accumulate(model):
             logits = model(transform(images))
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.clip_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.clip_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.batch_in_epoch += 1
         totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
                                torch.tensor(len(labels), device=totals.device)])
         bar.update()
-        if not accelerator.sync_gradients:
+        if not acc.sync_gradients:
             continue
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
+        if not acc.optimizer_step_was_skipped:
+            parts.scheduler.step()
         state.step += 1
         if state.step % cfg.log_every == 0:  # the only host sync inside the epoch
             seen = totals[2].item()
-            bar.set_postfix(loss=f"{totals[0].item() / seen:.4f}",
-                            img_s=f"{seen * accelerator.num_processes / (time.perf_counter() - start):.0f}")
-        if (cfg.max_steps and state.step >= cfg.max_steps) or should_stop():
-            stopped = True
+            values = {"train/loss": totals[0].item() / seen, "train/lr": optimizer.param_groups[0]["lr"],
+                      "train/images_per_second": seen * acc.num_processes / (time.perf_counter() - start)}
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
+            hooks.on_log(state, values)
+        hooks.on_step(state, snapshot)
+        if hooks.should_stop():
+            reason = "signal"
+            snapshot()
             break
-    if stopped:
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            reason = "max_steps"
+            break
+    if reason != "end":
         batches.end()  # leaving a prepared loader early must unregister it from Accelerate's gradient state
     bar.close()
-    return {"totals": accelerator.reduce(totals, reduction="sum"), "seconds": time.perf_counter() - start,
-            "stopped": stopped}
+    return acc.reduce(totals, reduction="sum").tolist(), time.perf_counter() - start, reason
 
 
-def fit(accelerator, model, optimizer, scheduler, train_loader, val_loader, cfg, state: TrainState,
-        class_names, on_epoch_end) -> None:
-    """Train and validate epoch by epoch from `state`; on_epoch_end(record, improved) after each."""
-    while state.epoch < cfg.epochs:
+def _resumed_totals(partial: list, acc) -> list:
+    """This rank's running totals of a resumed epoch: its own, so sums stay bit-identical."""
+    if len(partial) == acc.num_processes:
+        return partial[acc.process_index]
+    if partial and acc.is_main_process:  # resumed with another world size: count the earlier batches once
+        return [sum(column) for column in zip(*partial)]
+    return [0.0, 0.0, 0.0]
+
+
+def validate_epoch(parts: Parts, cfg, state: TrainState, totals, seconds, class_names) -> dict:
+    val = evaluate(parts.accelerator, parts.model, parts.val_loader, cfg.image_size)
+    metrics = classification_metrics(val.preds, val.labels, class_names)
+    loss_sum, correct, seen = totals
+    return {"epoch": state.epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+            "val_loss": val.loss, "val_acc": metrics["acc"], "val_f1_macro": metrics["f1_macro"],
+            "val_per_class_accuracy": metrics["per_class_accuracy"],
+            "lr": parts.optimizer.param_groups[0]["lr"], "step": state.step,
+            "epoch_seconds": seconds, "images_per_second": seen / max(1e-9, seconds)}
+
+
+def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
+    """Train and validate epoch by epoch from `state`. Return "done", "max_steps" or "signal"."""
+    while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
+        if hooks.should_stop():  # a signal that arrived during validation
+            return "signal"
+        totals, train_seconds, reason = train_one_epoch(parts, cfg, state, hooks)
+        if reason == "signal":
+            return reason
         start = time.perf_counter()
-        trained = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, state)
-        val = evaluate(accelerator, model, val_loader, cfg.image_size)
-        metrics = classification_metrics(val.preds, val.labels, class_names)
-        loss_sum, correct, seen = trained["totals"].tolist()
-        record = {"epoch": state.epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-                  "val_loss": val.loss, "val_acc": metrics["acc"], "val_f1_macro": metrics["f1_macro"],
-                  "val_per_class_accuracy": metrics["per_class_accuracy"],
-                  "lr": optimizer.param_groups[0]["lr"], "step": state.step,
-                  "epoch_seconds": time.perf_counter() - start,
-                  "images_per_second": seen / max(1e-9, trained["seconds"])}
+        record = validate_epoch(parts, cfg, state, totals, train_seconds, class_names)
+        record["epoch_seconds"] += time.perf_counter() - start
         improved = record["val_f1_macro"] > state.best_val_f1_macro
         if improved:
             state.best_epoch, state.best_val_f1_macro = record["epoch"], record["val_f1_macro"]
         state.history.append(record)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        on_epoch_end(record, improved)
-        if accelerator.is_main_process:
+        hooks.on_epoch_end(state, record, improved)
+        if parts.accelerator.is_main_process:
             print(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
                   f"macro-F1 {record['val_f1_macro']:.4f} | {record['epoch_seconds']:.1f} s, "
                   f"{record['images_per_second']:.0f} img/s", flush=True)
-        if trained["stopped"]:
-            break
+        if reason == "max_steps":
+            return reason
+    return "done"
 
 
 @torch.no_grad()

@@ -41,6 +41,13 @@ def write_config(path: Path, config: dict, env: dict) -> None:
     (path / CONFIG).write_text(text)
 
 
+def write_metrics(path: Path, history: list) -> None:
+    """Rewrite metrics.jsonl from a (resumed) history, so a redone epoch never appears twice."""
+    from train.checkpoint import atomic_write
+
+    atomic_write(path / METRICS, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with open(path / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -1,0 +1,165 @@
+"""Checkpoints, exact resume and preemption, with real SIGKILLs and signals on real runs."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import MAIN, ROOT, assert_same_run, check, child_env, read_summary, resume_args as args, run_main
+
+pytestmark = pytest.mark.slow
+
+def checkpoints(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+@pytest.fixture
+def reference(resume_reference):
+    return resume_reference
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpref") / "run"
+    check(run_main(args(dataset_dir, out), processes=2))
+    return out
+
+
+@pytest.mark.parametrize("failpoint", [
+    "kill_after_step:13",  # mid-epoch, one step after a checkpoint
+    "kill_after_step:16",  # last step of epoch 2, before its validation and epoch-end checkpoint
+    "kill_during_save:3",  # while writing epoch 1's end checkpoint (metrics and best model already written)
+])
+def test_killed_run_resumes_to_the_same_result(dataset_dir, reference, tmp_path, failpoint):
+    out = tmp_path / "run"
+    killed = run_main(args(dataset_dir, out), env={"CIFAR_ACCELERATE_FAILPOINT": failpoint})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+    check(run_main(args(dataset_dir, out)))
+    assert_same_run(out, reference)
+
+
+def test_rotation_keeps_the_newest_k_and_the_best_model(reference):
+    names = checkpoints(reference)
+    assert names == ["e0002-b000008-step00000024", "e0003-b000000-step00000024"]  # the step-24 one, then epoch end
+    assert (reference / "model.safetensors").is_file()
+    assert not list((reference / "checkpoints").glob(".tmp-*"))
+    state = json.loads((reference / "checkpoints" / names[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 24 and len(state["history"]) == 3
+
+
+def test_finished_run_resumed_again_changes_nothing(dataset_dir, reference, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(reference, out)
+    check(run_main(args(dataset_dir, out)))
+    assert_same_run(out, reference)
+
+
+def test_truncated_checkpoint_is_an_error_or_skipped_by_auto(dataset_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / checkpoints(out)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    explicit = run_main([*args(dataset_dir, tmp_path / "other"), "--resume", str(newest)])
+    assert explicit.returncode == 2
+    lines = [line for line in explicit.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(weights) in lines[0] and "truncated or corrupt" in lines[0]
+
+    auto = check(run_main(args(dataset_dir, out)))
+    assert "warning:" in auto.stderr and "trying an older checkpoint" in auto.stderr
+    assert "resuming from" in auto.stdout and "e0002-b000008" in auto.stdout
+    assert_same_run(out, reference)
+
+
+def test_checkpoint_of_another_model_is_refused(dataset_dir, reference, tmp_path):
+    newest = reference / "checkpoints" / checkpoints(reference)[-1]
+    proc = run_main([*args(dataset_dir, tmp_path / "r34"), "--arch", "resnet34", "--resume", str(newest)])
+    assert proc.returncode == 2
+    assert "is for arch 'resnet18', this run has 'resnet34'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_only_on_a_checkpoint_folder(dataset_dir, reference, tmp_path):
+    newest = reference / "checkpoints" / checkpoints(reference)[-1]
+    check(run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(newest),
+                    "--output-dir", str(tmp_path / "eval")]))
+    got = read_summary(tmp_path / "eval")
+    assert got["num_test_samples"] == 101
+    if read_summary(reference)["best_epoch"] == 3:  # the last checkpoint then holds the best weights
+        assert got["confusion_matrix"] == read_summary(reference)["confusion_matrix"]
+
+
+def _workers(launcher: subprocess.Popen) -> list:
+    """The train/main.py processes under a launcher (itself, for plain python)."""
+    root = psutil.Process(launcher.pid)
+    procs = [root, *root.children(recursive=True)]
+    def script(p):  # the first argument of python that is not an option: the launcher runs a module
+        return next((a for a in p.cmdline()[1:] if not a.startswith("-")), "")
+
+    return [p for p in procs if script(p).endswith("train/main.py")]
+
+
+def _start(cmd_args, processes=0):
+    if processes:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+               MAIN, *cmd_args]
+        env = child_env(ACCELERATE_USE_CPU="true")
+    else:
+        cmd, env = [sys.executable, MAIN, *cmd_args], child_env()
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_when_training(proc, out, sig, rank=0, processes=1):
+    """Wait for the first checkpoint (training is under way), then signal one rank's process."""
+    deadline = time.time() + 120
+    while not (out / "checkpoints").is_dir() or not any(p.name.startswith("e") for p in
+                                                         (out / "checkpoints").iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    workers = _workers(proc)
+    assert len(workers) == processes
+    target = [w for w in workers if w.environ().get("RANK", "0") == str(rank)][0]
+    target.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_path, sig):
+    out = tmp_path / "run"
+    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out)), out, sig)
+    assert code == 75, stderr[-2000:]
+    assert f"received {sig.name}" in stderr and "preempted: checkpoint written" in stdout
+    assert (out / "PREEMPTED").is_file() and not (out / "summary.json").exists()
+    newest = json.loads((out / "checkpoints" / checkpoints(out)[-1] / "trainer_state.json").read_text())
+    assert 3 <= newest["step"] < 24  # stopped within a step or so of the signal, long before the end
+    check(run_main(args(dataset_dir, out)))
+    assert not (out / "PREEMPTED").exists()
+    assert_same_run(out, reference)
+
+
+@pytest.mark.ddp
+def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_reference, tmp_path):
+    out = tmp_path / "run"
+    killed = run_main(args(dataset_dir, out), processes=2, env={"CIFAR_ACCELERATE_FAILPOINT": "kill_after_step:7"})
+    assert killed.returncode != 0 and not (out / "summary.json").exists()
+    check(run_main(args(dataset_dir, out), processes=2))
+    assert_same_run(out, ddp_reference)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("sig, rank", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_reference, tmp_path, sig, rank):
+    out = tmp_path / "run"
+    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), processes=2), out, sig,
+                                                 rank=rank, processes=2)
+    assert code != 0 and (out / "PREEMPTED").is_file(), stderr[-3000:]  # accelerate launch reports 1
+    assert f"received {sig.name}" in stderr
+    check(run_main(args(dataset_dir, out), processes=2))
+    assert_same_run(out, ddp_reference)

@@ -1,0 +1,165 @@
+"""Weights & Biases through Accelerate's tracker API, which must never take a run down.
+
+One W&B run per training run (Accelerate starts it on the main process only). Every
+W&B failure becomes one warning: at init the run falls back to offline mode, and a
+failure while logging turns W&B off for the rest of the run. The run folder has every
+metric either way. Where W&B is disabled, wandb is never imported.
+"""
+
+import importlib.util
+import json
+import netrc
+import os
+import secrets
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+STATE_FILE = "wandb.json"  # the run id: a resumed or requeued run continues the same W&B run
+DEFAULT_PROJECT = "cifar-accelerate"
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def wanted(cfg) -> bool:
+    mode = cfg.wandb_mode or os.environ.get("WANDB_MODE", "")
+    if not cfg.wandb or mode == "disabled":
+        return False
+    if importlib.util.find_spec("wandb") is None:
+        _warn("wandb is not installed (pip install wandb): metrics go to the run folder only")
+        return False
+    return True
+
+
+def _warn(message: str) -> None:
+    print(f"warning: W&B: {message}", file=sys.stderr, flush=True)
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def default_run_name(cfg) -> str:
+    name = f"{cfg.arch}-lr{cfg.lr:g}-bs{cfg.batch_size}"
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{name}-job{os.environ.get('SLURM_ARRAY_JOB_ID')}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"{name}-job{os.environ['SLURM_JOB_ID']}"
+    return name
+
+
+def default_group(cfg) -> str:
+    if cfg.wandb_group:
+        return cfg.wandb_group
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"sweep-{array}" if array else ""
+
+
+def public_config(config: dict) -> dict:
+    """The config as logged: nothing that looks like a secret."""
+    return {k: v for k, v in config.items() if not any(word in k.lower() for word in SECRET_WORDS)}
+
+
+def epoch_values(record: dict) -> dict:
+    """A metrics.jsonl record as W&B keys (per-step train/loss is a running mean; these are epoch means)."""
+    values = {"epoch": record["epoch"], "train/epoch_loss": record["train_loss"],
+              "train/epoch_acc": record["train_acc"], "val/loss": record["val_loss"], "val/acc": record["val_acc"],
+              "val/f1_macro": record["val_f1_macro"], "epoch_seconds": record["epoch_seconds"]}
+    values.update({f"val/acc_{name}": acc for name, acc in record["val_per_class_accuracy"].items()})
+    return values
+
+
+class Tracker:
+    """Start, log to and finish the W&B run; every method is safe to call on any rank, W&B on or off."""
+
+    def __init__(self, accelerator, cfg, out: Path, enabled: bool):
+        self.accelerator, self.cfg, self.out = accelerator, cfg, Path(out)
+        self.active = enabled and accelerator.is_main_process
+        self.run_id, self.first_step, self.last_step = None, 0, 0
+
+    def start(self, config: dict) -> None:
+        if not self.active:
+            return
+        mode = self.cfg.wandb_mode or os.environ.get("WANDB_MODE") or None
+        if mode in (None, "online") and not _has_credentials():
+            _warn("no API key found (wandb login, or WANDB_API_KEY): logging offline; "
+                  f"upload later with `wandb sync {self._wandb_dir()}/wandb/offline-run-*`")
+            mode = "offline"
+        try:
+            self._init(config, mode)
+        except Exception as e:  # network, auth, bad settings: W&B is optional
+            _warn(f"could not start the run ({_first_line(e)}); trying offline mode")
+            try:
+                self._init(config, "offline")
+            except Exception as e2:
+                _warn(f"offline mode failed too ({_first_line(e2)}); continuing without W&B")
+                self.active = False
+
+    def _wandb_dir(self) -> str:
+        return os.environ.get("WANDB_DIR") or str(self.out)
+
+    def _init(self, config: dict, mode) -> None:
+        import wandb
+
+        saved = json.loads((self.out / STATE_FILE).read_text()) if (self.out / STATE_FILE).is_file() else {}
+        self.run_id = saved.get("id") or secrets.token_hex(4)
+        (self.out / STATE_FILE).write_text(json.dumps({"id": self.run_id}) + "\n")
+        init = {"name": self.cfg.run_name or default_run_name(self.cfg), "entity": self.cfg.wandb_entity or None,
+                "group": default_group(self.cfg) or None, "id": self.run_id, "resume": "allow", "mode": mode,
+                "tags": [t for t in self.cfg.tags.split(",") if t] or None, "dir": self._wandb_dir(),
+                "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)))}
+        project = self.cfg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+        self.accelerator.trackers = []  # a failed first attempt may have left a half-made tracker
+        self.accelerator.init_trackers(project, config=public_config(config), init_kwargs={"wandb": init})
+        # W&B refuses steps below those it already has; a resumed run redoes a few (with the same values).
+        self.first_step = self.accelerator.get_tracker("wandb", unwrap=True).step or 0
+
+    def log(self, values: dict, step: int) -> None:
+        """Log at optimizer step `step`; steps W&B already has from before a resume are skipped."""
+        if not self.active or step < self.first_step:
+            return
+        try:
+            self.accelerator.log(values, step=step)
+            self.last_step = step
+        except Exception as e:
+            _warn(f"logging failed ({_first_line(e)}); W&B is off for the rest of this run")
+            self.active = False
+
+    def log_final(self, summary: dict, class_names: list) -> None:
+        """Test metrics, per-class table, confusion matrix and curves: into the run summary and last step."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            per_class = summary["test_per_class_accuracy"]
+            final = {"test/loss": summary["test_loss"], "test/acc": summary["test_acc"],
+                     "test/f1_macro": summary["test_f1_macro"], "best_epoch": summary["best_epoch"],
+                     "best_val_f1_macro": summary["best_val_f1_macro"], "wall_seconds": summary["wall_seconds"],
+                     **{f"test/acc_{name}": value for name, value in per_class.items()}}
+            run.summary.update(final)
+            table = wandb.Table(columns=["class", "test accuracy", "test images"],
+                                data=[[n, per_class[n], sum(row)] for n, row in
+                                      zip(class_names, summary["confusion_matrix"])])
+            images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(self.out.glob("*.png"))}
+            run.log({"test/per_class": table, **images}, step=max(self.first_step, self.last_step))
+        except Exception as e:
+            _warn(f"final logging failed ({_first_line(e)}); the run folder has every result")
+
+    def finish(self) -> None:
+        if self.active:
+            try:
+                self.accelerator.end_training()
+            except Exception as e:
+                _warn(f"closing the run failed ({_first_line(e)})")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
