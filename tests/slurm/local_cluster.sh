@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster on localhost, for the tests (and for trying the scripts).
+#
+#   tests/slurm/local_cluster.sh install     # Debian's slurmctld slurmd slurm-client munge (as root)
+#   tests/slurm/local_cluster.sh start DIR   # config, state and logs in DIR; prints `export SLURM_CONF=...`
+#   tests/slurm/local_cluster.sh stop DIR    # stops what `start DIR` started, by its process ids
+#
+# The node advertises 2 fake GPUs (character devices in DIR/dev) so --gpus-per-node requests schedule;
+# training inside still runs on the CPU (ACCELERATE_USE_CPU=true, NPROC_PER_NODE set by the tests).
+set -euo pipefail
+
+install() {
+    if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null; then
+        return 0
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+}
+
+start() {
+    local dir host cpus mem_mb
+    dir=$(mkdir -p "$1" && cd "$1" && pwd)
+    host=$(hostname -s)
+    cpus=$(nproc)
+    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+    mkdir -p "$dir"/{munge,state,spool,log,dev}
+    chmod 755 "$dir" "$dir/munge"  # munged refuses a socket directory others cannot traverse
+
+    [ -f "$dir/munge.key" ] || { dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 status=none; }
+    chmod 400 "$dir/munge.key"
+    munged --key-file="$dir/munge.key" --socket="$dir/munge/munge.socket.2" \
+        --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge.seed" --force
+
+    for i in 0 1; do [ -e "$dir/dev/nvidia$i" ] || mknod "$dir/dev/nvidia$i" c 195 "$i"; done
+    cat > "$dir/gres.conf" <<CONF
+NodeName=$host Name=gpu File=$dir/dev/nvidia[0-1]
+CONF
+    cat > "$dir/slurm.conf" <<CONF
+ClusterName=localtest
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge/munge.socket.2
+CredType=cred/munge
+SlurmctldPort=16817
+SlurmdPort=16818
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/slurmd-%n
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerParameters=batch_sched_delay=0
+MinJobAge=3600
+ReturnToService=2
+MailProg=/bin/true
+KillWait=30
+GresTypes=gpu
+NodeName=$host CPUs=$cpus RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+CONF
+    mkdir -p "$dir/spool/slurmd-$host"
+    export SLURM_CONF="$dir/slurm.conf"
+    slurmctld -f "$SLURM_CONF" -i
+    slurmd -f "$SLURM_CONF"
+    for _ in $(seq 100); do
+        if sinfo -h -N -o '%t' 2>/dev/null | grep -qx 'idle'; then
+            echo "export SLURM_CONF=$SLURM_CONF"
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "local Slurm did not come up; logs in $dir/log" >&2
+    return 1
+}
+
+stop() {
+    local dir=$1 pidfile pid
+    for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munged.pid"; do
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    done
+}
+
+case "${1:-}" in
+    install) install ;;
+    start) start "${2:?usage: start DIR}" ;;
+    stop) stop "${2:?usage: stop DIR}" ;;
+    *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+esac

@@ -1,0 +1,179 @@
+"""The Slurm scripts against a real Slurm (tests/slurm/local_cluster.sh starts one on localhost)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RESUME_ARGS, ROOT, assert_same_run, child_env, read_summary
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Environment for sbatch/scontrol: an existing cluster (SLURM_CONF set), else a local one."""
+    if os.environ.get("SLURM_CONF"):
+        yield dict(os.environ)
+        return
+    if not all(shutil.which(tool) for tool in ("sbatch", "slurmctld", "slurmd", "munged")):
+        if os.environ.get("REQUIRE_SLURM"):  # .ci/run installs Slurm: a skip there would hide a failure
+            pytest.fail("REQUIRE_SLURM is set but Slurm is not installed")
+        pytest.skip("Slurm is not installed (tests/slurm/local_cluster.sh install)")
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        yield {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+    finally:
+        subprocess.run([str(CLUSTER), "stop", str(folder)], timeout=60)
+
+
+@pytest.fixture
+def job_env(slurm, tmp_path):
+    """What the jobs see: CPU training (the GPUs are fake), runs and logs in this test's folder."""
+    return child_env(SLURM_CONF=slurm["SLURM_CONF"], PROJECT_DIR=str(ROOT), RUNS_DIR=str(tmp_path / "runs"),
+                     ACCELERATE_USE_CPU="true", ACCELERATE_CONFIG="")
+
+
+def sbatch(env, tmp_path, script, *options, args=()) -> str:
+    cmd = ["sbatch", "--parsable", "--partition=debug", "--cpus-per-task=1", "--mem=2G", "--gpus-per-node=0",
+           f"--output={tmp_path}/%x-%A_%a.out", *options, str(ROOT / "slurm" / script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def jobs(env, job_id) -> dict:
+    """{job id (array tasks as ID_N): scontrol's fields} for a job or a whole array."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        task = fields.get("ArrayTaskId")
+        key = f"{fields['ArrayJobId']}_{task}" if task and task != "N/A" and "[" not in task else fields["JobId"]
+        found[key] = fields
+    return found
+
+
+def wait(env, job_id, timeout=600, until=lambda js: all(j["JobState"] in TERMINAL for j in js.values())):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = jobs(env, job_id)
+        if found and until(found):
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {jobs(env, job_id)}")
+
+
+def logs(tmp_path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
+
+
+def test_sweep_runs_every_combination_and_summarises(job_env, tmp_path, dataset_dir):
+    grid = tmp_path / "grid.sh"
+    grid.write_text("ARCHS=(resnet18 resnet34)\nLRS=(0.02 0.05)\nBATCH_SIZES=(32)\n")
+    env = {**job_env, "SWEEP_GRID": str(grid)}
+    job = sbatch(env, tmp_path, "sweep.sh", "--array=0-3%2",
+                 args=["--dataset", str(dataset_dir), "--epochs", "1", "--max-steps", "2", "--limit-batches", "2"])
+    states = wait(env, job)
+    assert len(states) == 4 and all(s["JobState"] == "COMPLETED" for s in states.values()), (states, logs(tmp_path))
+    sweep = tmp_path / "runs" / f"sweep-{job}"
+    runs = sorted(p.name for p in sweep.iterdir())
+    assert runs == ["resnet18-lr0.02-bs32", "resnet18-lr0.05-bs32", "resnet34-lr0.02-bs32", "resnet34-lr0.05-bs32"]
+    assert all((sweep / r / "summary.json").is_file() for r in runs)
+    assert "task 3 of 4: arch=resnet34 lr=0.05 batch_size=32" in logs(tmp_path)
+
+    proc = subprocess.run(["python", "-m", "train.sweep_summary", str(sweep)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (sweep / "sweep_summary.md").read_text()
+    assert all(f"| {r} | " in table for r in runs) and table.count("| finished |") == 4
+    assert (sweep / "sweep_summary.csv").read_text().count("\n") == 5 and (sweep / "sweep_summary.png").is_file()
+
+
+def test_array_index_outside_the_grid_fails_clearly(job_env, tmp_path, dataset_dir):
+    job = sbatch(job_env, tmp_path, "sweep.sh", "--array=9", args=["--dataset", str(dataset_dir)])
+    (state,) = wait(job_env, job).values()
+    assert state["JobState"] == "FAILED" and state["ExitCode"].startswith("2:")
+    assert "error: array index 9 is outside the grid of 9 combinations (0-8)" in logs(tmp_path)
+
+
+def test_array_range_that_does_not_match_the_grid_fails_clearly(job_env, tmp_path, dataset_dir):
+    job = sbatch(job_env, tmp_path, "sweep.sh", "--array=0-1", args=["--dataset", str(dataset_dir)])
+    states = wait(job_env, job)
+    assert all(s["JobState"] == "FAILED" for s in states.values())
+    assert "does not match the grid of 9 combinations: submit with --array=0-8" in logs(tmp_path)
+
+
+def test_train_sbatch_runs_ddp_over_the_gpus_it_was_given(job_env, tmp_path, dataset_dir):
+    # Two (fake) GPUs on the node -> two processes; ACCELERATE_USE_CPU makes them gloo on the CPU.
+    job = sbatch(job_env, tmp_path, "train.sbatch", "--gpus-per-node=2", "--cpus-per-task=2",
+                 args=["--dataset", str(dataset_dir), "--arch", "resnet18", "--epochs", "1", "--max-steps", "2"])
+    (state,) = wait(job_env, job).values()
+    assert state["JobState"] == "COMPLETED", logs(tmp_path)
+    summary = read_summary(tmp_path / "runs" / f"cifar-train-{job}")
+    assert summary["world_size"] == 2 and summary["num_test_samples"] == 101
+
+
+def test_multinode_sbatch_plumbs_rank_and_address(job_env, tmp_path, dataset_dir):
+    env = {**job_env, "NPROC_PER_NODE": "2"}
+    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=1", "--cpus-per-task=2",
+                 args=["--dataset", str(dataset_dir), "--arch", "resnet18", "--epochs", "1", "--max-steps", "2"])
+    (state,) = wait(env, job).values()
+    text = logs(tmp_path)
+    assert state["JobState"] == "COMPLETED", text
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    assert f"--machine_rank 0 --main_process_ip {host}" in text and "--rdzv_backend c10d" in text
+    assert read_summary(tmp_path / "runs" / f"cifar-multinode-{job}")["world_size"] == 2
+
+
+def _preempt_and_finish(env, tmp_path, dataset_dir, preempt) -> Path:
+    """Run a 1-task sweep, preempt it once training is under way, let the requeued task finish."""
+    grid = tmp_path / "grid.sh"
+    grid.write_text("ARCHS=(resnet18)\nLRS=(0.02)\nBATCH_SIZES=(32)\n")
+    env = {**env, "SWEEP_GRID": str(grid)}
+    extra = ["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]]
+    job = sbatch(env, tmp_path, "sweep.sh", "--array=0", args=extra)
+    run = tmp_path / "runs" / f"sweep-{job}" / "resnet18-lr0.02-bs32"
+    deadline = time.time() + 300
+    while not (run / "checkpoints").is_dir() or not any(p.name[0] == "e" for p in (run / "checkpoints").iterdir()):
+        assert time.time() < deadline, logs(tmp_path)
+        time.sleep(0.05)
+    preempt(env, f"{job}_0")
+    # Requeued jobs wait ~2 minutes before they may start again; let it start now.
+    wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] == "PENDING" or js[f"{job}_0"]["JobState"] in TERMINAL)
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], env=env, capture_output=True)
+    (state,) = wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] in TERMINAL and
+                    (run / "summary.json").exists()).values()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, logs(tmp_path))
+    return run
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(job_env, tmp_path, dataset_dir, resume_reference):
+    def usr1(env, job):  # what --signal=B:USR1@N does before the time limit
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+
+    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, usr1)
+    text = logs(tmp_path)
+    assert "got SIGUSR1, forwarding" in text and "requeueing job" in text and "resuming from" in text
+    assert_same_run(run, resume_reference)
+
+
+def test_scontrol_requeue_checkpoints_and_resumes_to_the_same_result(job_env, tmp_path, dataset_dir,
+                                                                      resume_reference):
+    def requeue(env, job):  # what an administrator or a preempting job does
+        subprocess.run(["scontrol", "requeue", job], env=env, check=True)
+
+    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, requeue)
+    text = logs(tmp_path)
+    assert "received SIGTERM" in text and "resuming from" in text
+    assert_same_run(run, resume_reference)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
