@@ -53,6 +53,12 @@ def read_metrics(run: Path) -> list:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decode_cache(tmp_path_factory):
+    """Runs started by the tests cache decoded images here, not in the user's ~/.cache."""
+    os.environ["CIFAR_ACCELERATE_CACHE"] = str(tmp_path_factory.mktemp("decode-cache"))
+
+
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> Path:
     """256 train / 101 test images (an odd test size, to catch DDP padding), hub parquet layout."""

@@ -8,6 +8,8 @@ import pytest
 from conftest import MAIN, ROOT, child_env
 from test_data import write_out_of_range_labels
 
+pytestmark = pytest.mark.slow  # a cold Python start per case
+
 CASES = {
     "unknown arch": (["--arch", "mobilenet_v5"], {}, "unknown --arch 'mobilenet_v5'; did you mean mobilenet_v2"),
     "missing dataset": (["--dataset", "{tmp}/no/such/dataset"], {}, "does not exist"),

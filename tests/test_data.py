@@ -15,7 +15,7 @@ from train.errors import UsageError
 
 
 def cfg(dataset, **kw):
-    base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0)
+    base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0, decode_cache="off")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -120,3 +120,23 @@ def test_labels_outside_the_class_range(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         load_image_data(cfg(tmp_path / "nothing" / "here"))
+
+
+def test_decode_cache_is_used_and_rebuilt_when_the_data_changes(tmp_path, monkeypatch):
+    root = write_parquet_dataset(tmp_path / "ds", n_train=20, n_test=8, seed=0)
+    cache = tmp_path / "cache"
+    first = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
+    files = sorted(cache.iterdir())
+    assert len(files) == 2  # train and test
+
+    import train.data
+    monkeypatch.setattr(train.data, "_decode_images", lambda raw: pytest.fail("decoded although cached"))
+    again = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
+    assert (again.train.images == first.train.images).all()
+    monkeypatch.undo()
+
+    write_parquet_dataset(root, n_train=20, n_test=8, seed=5)  # same files, new images
+    changed = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
+    images, _ = make_images(8, seed=6)
+    assert np.array_equal(changed.test.images[0].permute(1, 2, 0).numpy(), images[0])
+    assert len(list(cache.iterdir())) == 4

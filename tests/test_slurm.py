@@ -148,11 +148,16 @@ def _preempt_and_finish(env, tmp_path, dataset_dir, preempt) -> Path:
         assert time.time() < deadline, logs(tmp_path)
         time.sleep(0.05)
     preempt(env, f"{job}_0")
-    # Requeued jobs wait ~2 minutes before they may start again; let it start now.
+    # Requeued jobs wait ~2 minutes before they may start again; let it start now — but only once the
+    # old instance is gone: started at once, Slurm kills it ("Job credential revoked").
     wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] == "PENDING" or js[f"{job}_0"]["JobState"] in TERMINAL)
+    deadline = time.time() + 60
+    while "CPUAlloc=0" not in subprocess.run(["scontrol", "show", "node"], env=env, capture_output=True,
+                                             text=True).stdout and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], env=env, capture_output=True)
-    (state,) = wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] in TERMINAL and
-                    (run / "summary.json").exists()).values()
+    (state,) = wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] in TERMINAL).values()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, logs(tmp_path))
     return run
 

@@ -2,10 +2,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, child_env
 from train.sweep_summary import summarise
 
 
+@pytest.mark.slow  # needs a trained run
 def test_summary_lists_every_run_with_its_state(trained_run, tmp_path):
     sweep = tmp_path / "sweep-7"
     shutil.copytree(trained_run, sweep / "resnet18-lr0.02-bs32")

@@ -110,3 +110,13 @@ def test_smoke_limits_stop_early(dataset_dir, tmp_path):
     assert summary["steps"] == 3 and summary["epochs_trained"] == 2  # 2 batches an epoch: epoch 2 stops at step 3
     assert summary["num_test_samples"] == 2 * 16
     assert len(read_metrics(out)) == 2
+
+
+def test_compiled_model_trains_and_saves_plain_weights(dataset_dir, tmp_path):
+    out = tmp_path / "compiled"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--compile", "--max-steps", "3",
+                    "--limit-batches", "3"]))
+    summary = read_summary(out)
+    assert summary["steps"] == 3
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k or k.startswith("module.")]

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -188,6 +189,29 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {folder / TRAINER_STATE} is for {key} {saved.get(key)!r}, "
                                       f"this run has {value!r}")
         return saved
+
+    def restore(self, resume: str) -> tuple:
+        """(trainer state dict, best weights) from `resume` — "auto": the newest complete checkpoint that
+        loads, skipping broken ones with a warning; else that checkpoint folder — or (None, None)."""
+        main = self.accelerator.is_main_process
+        self.remove_partial()
+        auto = resume == "auto"
+        for folder in self.complete() if auto else [Path(resume)]:
+            try:
+                saved, best = self.load(folder)
+            except CheckpointError as e:
+                if not auto:
+                    raise
+                if main:
+                    print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+                continue
+            if main:
+                print(f"resuming from {folder} (epoch {saved['epoch'] + 1}, batch {saved['batch_in_epoch']}, "
+                      f"step {saved['step']})", flush=True)
+            return saved, best
+        if main:
+            print(f"no complete checkpoint in {self.root}: starting fresh", flush=True)
+        return None, None
 
     def load(self, folder: Path) -> tuple:
         """Restore every prepared object from `folder`; return (trainer state dict, best weights or None)."""

@@ -7,6 +7,7 @@ repeated with `--config runs/X/config.yaml`.
 import argparse
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -28,9 +29,12 @@ class Config:
     val_size: float = _opt(0.1, "fraction of `train` held out for validation (stratified); 0 validates on `test`")
     image_size: int = _opt(32, "side of the square network input, in pixels")
     num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
+    decode_cache: str = _opt(os.environ.get("CIFAR_ACCELERATE_CACHE", "~/.cache/cifar-accelerate"),
+                             "folder of decoded images, keyed by the dataset's fingerprint ('off': decode every run)")
     # model
     arch: str = _opt("mobilenet_v2", "any torchvision classification builder, e.g. mobilenet_v3_large, resnet18")
     pretrained: bool = _opt(False, "start from torchvision's ImageNet weights (downloaded by torchvision)")
+    compile: bool = _opt(False, "torch.compile the model")
     # optimisation
     epochs: int = _opt(30, "training epochs")
     batch_size: int = _opt(128, "training batch size per process")

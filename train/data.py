@@ -6,6 +6,7 @@ pass. Augmentation then runs per batch on the training device (train/augment.py)
 """
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,11 @@ class Split:
         return len(self.labels)
 
     def subset(self, indices) -> "Split":
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
         return Split(self.images[indices], self.labels[indices])
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
 
 
 @dataclass
@@ -45,6 +49,19 @@ class ImageData:
         self.val = self.val.subset(range(min(len(self.val), batches * eval_batch_size * world_size)))
         self.test = self.test.subset(range(min(len(self.test), batches * eval_batch_size * world_size)))
 
+    def place(self, device: torch.device, budget: float = 0.5) -> bool:
+        """Keep every split on the GPU when it fits in `budget` of its free memory: batches are then
+        gathered where they are trained. Otherwise they stay in host memory, pinned per batch."""
+        if device.type != "cuda":
+            return False
+        splits = {id(s): s for s in (self.train, self.val, self.test)}.values()  # val may be test
+        needed = sum(s.images.numel() + 8 * s.labels.numel() for s in splits)
+        if needed > budget * torch.cuda.mem_get_info(device)[0]:
+            return False
+        moved = {id(s): s.to(device) for s in splits}
+        self.train, self.val, self.test = moved[id(self.train)], moved[id(self.val)], moved[id(self.test)]
+        return True
+
     def sizes(self) -> dict:
         return {"train": len(self.train), "val_source": self.val_source, "test": len(self.test)}
 
@@ -55,8 +72,8 @@ def load_image_data(cfg) -> ImageData:
         if needed not in splits:
             raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
     image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
-    train = decode_split(splits["train"], image_col, label_col, len(class_names))
-    test = decode_split(splits["test"], image_col, label_col, len(class_names))
+    train = decode_split(splits["train"], image_col, label_col, len(class_names), cfg.decode_cache)
+    test = decode_split(splits["test"], image_col, label_col, len(class_names), cfg.decode_cache)
     if cfg.val_size == 0:
         return ImageData(train, test, test, class_names, "the test split (--val-size 0)")
     train_idx, val_idx = train_test_split(np.arange(len(train)), test_size=cfg.val_size,
@@ -105,7 +122,8 @@ def find_columns(features, cfg):
     return image_col, label_col, list(label_feature.names)
 
 
-def decode_split(ds, image_col, label_col, num_classes) -> Split:
+def decode_split(ds, image_col, label_col, num_classes, cache_dir: str = "off") -> Split:
+    """Labels checked and decoded images, read from the decode cache when this exact data was seen."""
     import datasets
 
     labels = torch.tensor(ds.data.column(label_col).to_numpy(zero_copy_only=False), dtype=torch.long)
@@ -113,9 +131,44 @@ def decode_split(ds, image_col, label_col, num_classes) -> Split:
     if bad.any():
         raise UsageError(f"label column '{label_col}' holds {labels[bad][0].item()}, outside the "
                          f"{num_classes} classes 0..{num_classes - 1}")
-    raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
-    images = _decode_images(raw)
+    cache = _cache_file(ds, image_col, cache_dir)
+    images = _read_cache(cache, len(labels)) if cache else None
+    if images is None:
+        raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
+        images = _decode_images(raw)
+        if cache:
+            _write_cache(cache, images)
     return Split(images, labels)
+
+
+def _cache_file(ds, image_col: str, cache_dir: str):
+    # The fingerprint changes whenever the data files do, so a stale cache is never read.
+    if cache_dir in ("", "off") or not getattr(ds, "_fingerprint", None):
+        return None
+    return Path(os.path.expanduser(cache_dir)) / f"{ds._fingerprint}-{image_col}-{len(ds)}.safetensors"
+
+
+def _read_cache(path: Path, n: int):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        images = load_file(str(path))["images"] if path.is_file() else None
+    except (SafetensorError, OSError, KeyError):
+        return None  # unreadable: decode again and overwrite it
+    return images if images is not None and len(images) == n else None
+
+
+def _write_cache(path: Path, images: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from train.checkpoint import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"images": images}, str(tmp)))
+    except OSError as e:  # a read-only or full disk costs the next run a decode, nothing more
+        print(f"warning: could not write the decode cache {path}: {e}", flush=True)
 
 
 def _decode_images(raw: list) -> torch.Tensor:
@@ -176,6 +229,8 @@ class EpochShuffle(Sampler):
 
 def make_loader(split: Split, batch_size: int, *, shuffle_seed=None, num_workers=0) -> DataLoader:
     sampler = EpochShuffle(len(split), shuffle_seed) if shuffle_seed is not None else None
+    on_host = split.images.device.type == "cpu"
     return DataLoader(_Indices(len(split)), batch_size=batch_size, sampler=sampler,
-                      collate_fn=_GatherBatch(split), num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                      collate_fn=_GatherBatch(split), num_workers=num_workers if on_host else 0,
+                      pin_memory=on_host and torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0 and on_host)

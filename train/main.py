@@ -18,8 +18,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 
 from train import report, run_dir, tracking  # noqa: E402
-from train.checkpoint import (CHECKPOINTS, Checkpointer, CheckpointError, cpu_state_dict,  # noqa: E402
-                              load_model, save_model)
+from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.errors import UsageError, report_usage_error  # noqa: E402
@@ -64,7 +63,11 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
-    model = build_model(cfg.arch, len(data.class_names), cfg.pretrained)
+    model = build_model(cfg.arch, len(data.class_names), cfg.pretrained).to(accelerator.device)
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
     train_loader, val_loader = accelerator.prepare(
         make_loader(data.train, cfg.batch_size, shuffle_seed=cfg.seed, num_workers=cfg.num_workers),
         make_loader(data.val, cfg.eval_batch_size, num_workers=cfg.num_workers))
@@ -75,29 +78,12 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader)
 
 
-def restore(cfg: Config, checkpointer: Checkpointer, accelerator: Accelerator) -> tuple:
+def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
     """Return (TrainState, best weights) from the checkpoint --resume names, or a fresh start."""
-    if not cfg.resume:
+    saved, best = checkpointer.restore(cfg.resume) if cfg.resume else (None, None)
+    if saved is None:
         return TrainState(), None
-    checkpointer.remove_partial()
-    auto = cfg.resume == "auto"
-    for folder in checkpointer.complete() if auto else [Path(cfg.resume)]:
-        try:
-            saved, best = checkpointer.load(folder)
-        except CheckpointError as e:
-            if not auto:
-                raise
-            if accelerator.is_main_process:
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
-            continue
-        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
-        if accelerator.is_main_process:
-            print(f"resuming from {folder} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, "
-                  f"step {state.step})", flush=True)
-        return state, best
-    if accelerator.is_main_process:
-        print(f"no complete checkpoint in {checkpointer.root}: starting fresh", flush=True)
-    return TrainState(), None
+    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__}), best
 
 
 class RunHooks(Hooks):
@@ -125,7 +111,7 @@ class RunHooks(Hooks):
         self.tracker.log(tracking.epoch_values(record), step=state.step)
         acc = self.parts.accelerator
         if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
-            self.best = cpu_state_dict(acc.unwrap_model(self.parts.model))
+            self.best = cpu_state_dict(acc.unwrap_model(self.parts.model, keep_torch_compile=False))
         if acc.is_main_process:
             run_dir.append_metrics(self.out, record)
             if improved:
@@ -140,7 +126,7 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     """Train (or continue training); return (model with the best weights, state, fit's reason)."""
     parts = build_parts(cfg, accelerator, data)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, cfg.arch, data.class_names)
-    state, best = restore(cfg, checkpointer, accelerator)
+    state, best = restore(cfg, checkpointer)
     if accelerator.is_main_process:
         run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
     for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
@@ -158,7 +144,7 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
         return parts.model, state, reason
     if accelerator.is_main_process:  # also when a resumed run's best epoch came before the resume
         save_model(hooks.best, out / run_dir.MODEL, cfg.arch, data.class_names)
-    accelerator.unwrap_model(parts.model).load_state_dict(hooks.best)
+    accelerator.unwrap_model(parts.model, keep_torch_compile=False).load_state_dict(hooks.best)
     return parts.model, state, reason
 
 
@@ -205,6 +191,7 @@ def run(cfg: Config) -> int:
         data = load_image_data(cfg)
     if cfg.limit_batches:
         data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
+    data.place(accelerator.device)
     if cfg.eval_only:
         model, state = accelerator.prepare(load_for_eval(cfg, data.class_names)), TrainState()
     env = run_dir.environment(accelerator.num_processes, accelerator.mixed_precision)

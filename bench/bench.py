@@ -1,0 +1,285 @@
+"""Side-by-side speed measurements of the project's data path, loop and service.
+
+    python bench/bench.py --dataset ../shared/datasets/cifar10 [--out docs/benchmarks.md]
+    python bench/bench.py --synthetic 20000                      # generated data, no dataset needed
+
+Every figure is the median of --repeats runs, and the two sides of each comparison alternate
+within one run, so a busy machine slows both alike. Sections:
+  1. data path: decode-once + batched augmentation against per-item `with_transform` with
+     torchvision transforms, at 32 and 224 px; and the one-time decode of the train split
+  2. loop overhead: the project's Accelerate loop (train/loop.py) against a minimal PyTorch loop
+     over the same decoded tensors, same model, batch and precision
+  3. service overhead: an epoch through train/main.py against the same minimal loop
+  4. GPU only: training images/s per model at 32 and 224 px in bf16, fed by the pipeline against
+     synthetic GPU-resident tensors
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from train.augment import MEAN, STD, BatchTransform  # noqa: E402
+from train.config import Config  # noqa: E402
+from train.data import Split, decode_split, find_columns, make_loader  # noqa: E402
+from train.models import build_model  # noqa: E402
+
+
+def median_alternating(sides: dict, repeats: int) -> dict:
+    """{name: fn() -> images/s}: run each side once per repeat, in turn; return the medians."""
+    results = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            results[name].append(fn())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def load_train_split(args):
+    import datasets
+
+    if args.synthetic:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from synthetic import write_parquet_dataset
+
+        folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
+        write_parquet_dataset(folder, n_train=args.synthetic, n_test=16)
+        args.dataset = str(folder)
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset(args.dataset)["train"]
+    image_col, label_col, classes = find_columns(ds.features, SimpleNamespace(dataset=args.dataset, image_column="",
+                                                                              label_column=""))
+    start = time.perf_counter()
+    split = decode_split(ds, image_col, label_col, len(classes), cache_dir="off")
+    return ds, image_col, label_col, split, time.perf_counter() - start
+
+
+def project_pipeline(split: Split, size: int, images: int, device):
+    loader = make_loader(split, 128, shuffle_seed=0)
+    transform = BatchTransform(size, train=True)
+
+    def run():
+        seen, start = 0, time.perf_counter()
+        for x, y in loader:
+            x = transform(x.to(device, non_blocking=True))
+            seen += len(y)
+            if seen >= images:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return seen / (time.perf_counter() - start)
+    return run
+
+
+def per_item_pipeline(ds, image_col, label_col, size: int, images: int):
+    from torchvision import transforms as T
+
+    steps = ([T.Resize(size)] if size != 32 else []) + [
+        T.RandomCrop(size, padding=4 * size // 32), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+    tf = T.Compose(steps)
+
+    def apply(batch):
+        return {"x": [tf(img.convert("RGB")) for img in batch[image_col]], "y": batch[label_col]}
+
+    loader = torch.utils.data.DataLoader(ds.with_transform(apply), batch_size=128, shuffle=True)
+
+    def run():
+        seen, start = 0, time.perf_counter()
+        for batch in loader:
+            seen += len(batch["y"])
+            if seen >= images:
+                break
+        return seen / (time.perf_counter() - start)
+    return run
+
+
+# ---- loops ------------------------------------------------------------------------------------
+
+def plain_loop(split: Split, arch: str, steps: int, device, precision: str):
+    """The minimal PyTorch loop: random batches of the decoded tensor, same augmentation, SGD."""
+    model = build_model(arch, 10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    transform = BatchTransform(32, train=True)
+    images = split.images.to(device)
+    labels = split.labels.to(device)
+
+    def run():
+        model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(labels), (128,), device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = F.cross_entropy(model(transform(images[idx])), labels[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * 128 / (time.perf_counter() - start)
+    return run
+
+
+def accelerate_loop(split: Split, arch: str, steps: int, precision: str):
+    """train/loop.py's train_one_epoch, as train/main.py drives it, over exactly `steps` batches."""
+    from accelerate import Accelerator
+
+    from train.loop import Hooks, Parts, TrainState, train_one_epoch
+    from train.optim import build_optimizer, build_scheduler
+
+    cfg = Config(arch=arch, batch_size=128, epochs=1000, lr=0.01, log_every=50, weight_decay=0.0,
+                 scheduler="none")
+    acc = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
+    model = build_model(arch, 10)
+    loader = acc.prepare(make_loader(split.subset(range(steps * 128)), 128, shuffle_seed=0))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    parts = Parts(acc, model, optimizer, scheduler, loader, None)
+    state = TrainState()
+
+    def run():
+        start = time.perf_counter()
+        train_one_epoch(parts, cfg, state, Hooks())
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * 128 / (time.perf_counter() - start)
+    return run
+
+
+def service_epoch(args, arch: str, steps: int, precision: str):
+    """A one-epoch run of train/main.py on `steps` batches: its own train-phase images/s and epoch time."""
+    def run():
+        with tempfile.TemporaryDirectory() as out:
+            # Same threads as this process: without the flag `accelerate launch` sets OMP_NUM_THREADS=1.
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1",
+                   "--num_cpu_threads_per_process", str(torch.get_num_threads()),
+                   "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", precision,
+                   str(ROOT / "train" / "main.py"), "--dataset", args.dataset, "--arch", arch, "--epochs", "1",
+                   "--batch-size", "128", "--limit-batches", str(steps), "--output-dir", f"{out}/run",
+                   "--no-wandb", "--log-every", "10"]
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            record = json.loads((Path(out) / "run" / "metrics.jsonl").read_text().splitlines()[0])
+        service.append(record)
+        return record["images_per_second"]
+    service = []
+    return run, service
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="uoft-cs/cifar10")
+    parser.add_argument("--synthetic", type=int, default=0, help="generate this many training images instead")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--arch", default="resnet18", help="model of the loop comparisons")
+    parser.add_argument("--steps", type=int, default=40, help="batches of 128 per loop and service measurement")
+    parser.add_argument("--out", default="", help="also write the table to this markdown file")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = "bf16" if device.type == "cuda" else "no"
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    ds, image_col, label_col, split, decode_s = load_train_split(args)
+    rows.append(("decode the train split once", f"{len(split):,} images in {decode_s:.1f} s", "≤ 10 s", ""))
+
+    for size, images in ((32, 4096), (224, 1024)):
+        got = median_alternating({"ours": project_pipeline(split, size, images * 4, device),
+                                  "per-item": per_item_pipeline(ds, image_col, label_col, size, images)},
+                                 args.repeats)
+        rows.append((f"data path {size} px: ours vs per-item with_transform",
+                     f"{got['ours']:,.0f} vs {got['per-item']:,.0f} img/s",
+                     "≥ 10×" if size == 32 else "", f"{got['ours'] / got['per-item']:.1f}×"))
+
+    got = median_alternating({"accelerate": accelerate_loop(split, args.arch, args.steps, precision),
+                              "plain": plain_loop(split, args.arch, args.steps, device, precision)}, args.repeats)
+    rows.append((f"loop: Accelerate loop vs plain PyTorch ({args.arch}, 32 px, batch 128, {precision})",
+                 f"{got['accelerate']:,.0f} vs {got['plain']:,.0f} img/s", "≥ 0.97×",
+                 f"{got['accelerate'] / got['plain']:.2f}×"))
+
+    service_run, records = service_epoch(args, args.arch, args.steps, precision)
+    plain = plain_loop(split, args.arch, args.steps, device, precision)
+    got = median_alternating({"service": service_run, "plain": plain}, args.repeats)
+    epoch_s = statistics.median(r["epoch_seconds"] for r in records)
+    rows.append((f"service: train/main.py epoch ({args.steps} batches) vs plain loop",
+                 f"{got['service']:,.0f} vs {got['plain']:,.0f} img/s (epoch with validation: {epoch_s:.1f} s)",
+                 "≥ 0.90×", f"{got['service'] / got['plain']:.2f}×"))
+
+    if device.type == "cuda":
+        rows += gpu_models(split, args.repeats)
+    else:
+        rows.append(("per-model GPU throughput, pipeline vs synthetic", "needs a GPU", "≥ 0.9×", "not run"))
+
+    table = ["| measurement | result | target | ratio |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    header = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}; torch {torch.__version__}; "
+              f"dataset {args.dataset if not args.synthetic else f'{args.synthetic} generated images'}; "
+              f"median of {args.repeats}.", "",
+              f"Command: `python bench/bench.py {' '.join(sys.argv[1:])}`", ""]
+    text = "\n".join(header + table) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def gpu_models(split: Split, repeats: int) -> list:
+    rows = []
+    device = torch.device("cuda")
+    for arch in ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18"):
+        for size in (32, 224):
+            model = build_model(arch, 10).to(device, memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+            transform = BatchTransform(size, train=True)
+            images, labels = split.images.to(device), split.labels.to(device)
+            synthetic = torch.randn(256, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+            synthetic_labels = torch.randint(0, 10, (256,), device=device)
+
+            def step(x, y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def fed(steps=30):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    idx = torch.randint(0, len(labels), (256,), device=device)
+                    step(transform(images[idx]), labels[idx])
+                torch.cuda.synchronize()
+                return steps * 256 / (time.perf_counter() - start)
+
+            def synth(steps=30):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step(synthetic, synthetic_labels)
+                torch.cuda.synchronize()
+                return steps * 256 / (time.perf_counter() - start)
+
+            fed(5), synth(5)  # cuDNN autotuning and allocator warm-up
+            got = median_alternating({"fed": fed, "synthetic": synth}, repeats)
+            rows.append((f"GPU {arch} {size} px bf16 batch 256: pipeline vs synthetic",
+                         f"{got['fed']:,.0f} vs {got['synthetic']:,.0f} img/s", "≥ 0.9×",
+                         f"{got['fed'] / got['synthetic']:.2f}×"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
