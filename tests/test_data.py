@@ -15,7 +15,8 @@ from train.errors import UsageError
 
 
 def cfg(dataset, **kw):
-    base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0, decode_cache="off")
+    base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0, decode_cache="off",
+                val_images=0, train_images=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -140,3 +141,12 @@ def test_decode_cache_is_used_and_rebuilt_when_the_data_changes(tmp_path, monkey
     images, _ = make_images(8, seed=6)
     assert np.array_equal(changed.test.images[0].permute(1, 2, 0).numpy(), images[0])
     assert len(list(cache.iterdir())) == 4
+
+
+def test_exact_validation_and_training_sizes(dataset_dir):
+    data = load_image_data(cfg(dataset_dir, val_images=40, train_images=100))
+    assert len(data.val) == 40 and len(data.train) == 100
+    assert np.bincount(data.val.labels.numpy(), minlength=4).tolist() == [10, 10, 10, 10]
+    assert "40 images held out" in data.val_source and "training uses 100 of the other 216" in data.val_source
+    with pytest.raises(UsageError, match="cannot split 256 training images"):
+        load_image_data(cfg(dataset_dir, val_images=300))

@@ -27,6 +27,8 @@ class Config:
     image_column: str = _opt("", "image column (default: the dataset's Image feature)")
     label_column: str = _opt("", "label column (default: the dataset's ClassLabel feature)")
     val_size: float = _opt(0.1, "fraction of `train` held out for validation (stratified); 0 validates on `test`")
+    val_images: int = _opt(0, "hold out exactly this many validation images instead of --val-size (0: off)")
+    train_images: int = _opt(0, "train on this many of the remaining images (stratified; 0: all)")
     image_size: int = _opt(32, "side of the square network input, in pixels")
     num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
     decode_cache: str = _opt(os.environ.get("CIFAR_ACCELERATE_CACHE", "~/.cache/cifar-accelerate"),
@@ -34,7 +36,9 @@ class Config:
     # model
     arch: str = _opt("mobilenet_v2", "any torchvision classification builder, e.g. mobilenet_v3_large, resnet18")
     pretrained: bool = _opt(False, "start from torchvision's ImageNet weights (downloaded by torchvision)")
+    cifar_stem: bool = _opt(False, "adapt ResNets and MobileNets to 32 px inputs (stride-1 stem, see README)")
     compile: bool = _opt(False, "torch.compile the model")
+    tta: bool = _opt(False, "also report test metrics with horizontal-flip test-time augmentation")
     # optimisation
     epochs: int = _opt(30, "training epochs")
     batch_size: int = _opt(128, "training batch size per process")
@@ -81,7 +85,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("num_workers", "max_steps", "checkpoint_every_steps", "limit_batches", "warmup_epochs",
+        non_negative = ("val_images", "train_images", "num_workers", "max_steps", "checkpoint_every_steps",
+                        "limit_batches", "warmup_epochs",
                         "weight_decay", "clip_grad_norm", "lr_step_size", "momentum")
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -74,12 +74,23 @@ def load_image_data(cfg) -> ImageData:
     image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
     train = decode_split(splits["train"], image_col, label_col, len(class_names), cfg.decode_cache)
     test = decode_split(splits["test"], image_col, label_col, len(class_names), cfg.decode_cache)
-    if cfg.val_size == 0:
-        return ImageData(train, test, test, class_names, "the test split (--val-size 0)")
-    train_idx, val_idx = train_test_split(np.arange(len(train)), test_size=cfg.val_size,
-                                          stratify=train.labels.numpy(), random_state=cfg.seed)
+    held_out = cfg.val_images or cfg.val_size
+    labels, rest = train.labels.numpy(), np.arange(len(train))
+    try:
+        if held_out:
+            rest, val_idx = train_test_split(rest, test_size=held_out, stratify=labels, random_state=cfg.seed)
+        if cfg.train_images and cfg.train_images < len(rest):
+            rest, _ = train_test_split(rest, train_size=cfg.train_images, stratify=labels[rest],
+                                       random_state=cfg.seed)
+    except ValueError as e:  # more images asked for than there are, or too few for every class
+        raise UsageError(f"cannot split {len(train)} training images as asked (--val-size/--val-images/"
+                         f"--train-images): {str(e).splitlines()[0]}") from None
+    if not held_out:
+        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)")
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
-    return ImageData(train.subset(train_idx), train.subset(val_idx), test, class_names, source)
+    if cfg.train_images:
+        source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"
+    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source)
 
 
 def _load_dataset_dict(name: str):

@@ -60,6 +60,7 @@ class EvalResult:
     loss: float
     preds: np.ndarray
     labels: np.ndarray
+    preds_tta: np.ndarray = None  # with horizontal-flip test-time augmentation, when asked for
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -177,19 +178,24 @@ def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, image_size: int) -> EvalResult:
-    """Loss and predictions over every sample exactly once, on every process (DDP padding removed)."""
+def evaluate(accelerator, model, loader, image_size: int, tta: bool = False) -> EvalResult:
+    """Loss and predictions over every sample exactly once, on every process (DDP padding removed).
+    With `tta`, also predictions from the mean of the softmax over the image and its mirror image."""
     model.eval()
     transform = BatchTransform(image_size, train=False)
-    losses, preds, labels = [], [], []
+    columns = {"loss": [], "pred": [], "label": [], "pred_tta": []}
     for images, targets in loader:
-        logits = model(transform(images))
-        loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        loss, pred, targets = accelerator.gather_for_metrics((loss, logits.argmax(1), targets))
-        losses.append(loss.cpu())
-        preds.append(pred.cpu())
-        labels.append(targets.cpu())
-    loss = torch.cat(losses) if losses else torch.zeros(0)
-    return EvalResult(loss=float(loss.mean()) if len(loss) else float("nan"),
-                      preds=torch.cat(preds).numpy() if preds else np.zeros(0, int),
-                      labels=torch.cat(labels).numpy() if labels else np.zeros(0, int))
+        x = transform(images)
+        logits = model(x).float()
+        batch = {"loss": F.cross_entropy(logits, targets, reduction="none"), "pred": logits.argmax(1),
+                 "label": targets}
+        if tta:
+            batch["pred_tta"] = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).argmax(1)
+        for key, value in accelerator.gather_for_metrics(batch).items():
+            columns[key].append(value.cpu())
+    joined = {k: torch.cat(v).numpy() if v else None for k, v in columns.items()}
+    loss = joined["loss"]
+    return EvalResult(loss=float(loss.mean()) if loss is not None else float("nan"),
+                      preds=joined["pred"] if joined["pred"] is not None else np.zeros(0, int),
+                      labels=joined["label"] if joined["label"] is not None else np.zeros(0, int),
+                      preds_tta=joined["pred_tta"])

@@ -63,7 +63,7 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
-    model = build_model(cfg.arch, len(data.class_names), cfg.pretrained).to(accelerator.device)
+    model = build_model(cfg.arch, len(data.class_names), cfg.pretrained, cfg.cifar_stem).to(accelerator.device)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -159,7 +159,7 @@ def load_for_eval(cfg: Config, class_names: list) -> torch.nn.Module:
 
 
 def test_and_report(cfg, accelerator, model, test_loader, state, data, out, started, tracker) -> None:
-    test = evaluate(accelerator, model, test_loader, cfg.image_size)
+    test = evaluate(accelerator, model, test_loader, cfg.image_size, tta=cfg.tta)
     metrics = classification_metrics(test.preds, test.labels, data.class_names)
     if not accelerator.is_main_process:
         return
@@ -172,6 +172,9 @@ def test_and_report(cfg, accelerator, model, test_loader, state, data, out, star
                "epochs_trained": state.epoch, "steps": state.step,
                "wall_seconds": state.wall_seconds or time.time() - started,
                "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+    if cfg.tta:  # reported beside, never instead of, the plain numbers
+        flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
+        summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
     run_dir.write_summary(out, summary)
     report.write_all(out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
     tracker.log_final(summary, data.class_names)

@@ -20,12 +20,34 @@ def check_arch(arch: str) -> None:
         raise UsageError(f"unknown --arch '{arch}'{hint}")
 
 
-def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+def build_model(arch: str, num_classes: int, pretrained: bool = False, cifar_stem: bool = False) -> nn.Module:
     check_arch(arch)
     if not pretrained:
-        return torchvision.models.get_model(arch, num_classes=num_classes)
-    model = torchvision.models.get_model(arch, weights=_download_weights(arch))
-    return replace_head(model, num_classes)
+        model = torchvision.models.get_model(arch, num_classes=num_classes)
+    else:
+        model = replace_head(torchvision.models.get_model(arch, weights=_download_weights(arch)), num_classes)
+    return adapt_to_32px(model, arch) if cifar_stem else model
+
+
+def adapt_to_32px(model: nn.Module, arch: str) -> nn.Module:
+    """The usual CIFAR stem: ImageNet models divide their input by 32, leaving 1x1 of a 32 px image.
+
+    ResNets get a 3x3 stride-1 first convolution and no max-pool; MobileNets keep their layers but
+    take the stem and the first downsampling stage at stride 1. Both leave 4x4 before the pooling.
+    Changed strides keep every weight, so pretrained weights still load; ResNet's new 3x3 stem is the
+    one layer that starts fresh.
+    """
+    if isinstance(model, torchvision.models.ResNet):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    if isinstance(model, (torchvision.models.MobileNetV2, torchvision.models.MobileNetV3)):
+        strided = [m for m in model.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        for conv in strided[:2]:  # the stem, then the depthwise conv of the first stride-2 block
+            conv.stride = (1, 1)
+        return model
+    raise UsageError(f"--cifar-stem supports ResNets (resnet*, resnext*, wide_resnet*) and MobileNetV2/V3, "
+                     f"not {arch}")
 
 
 def _download_weights(arch: str):

@@ -30,7 +30,7 @@ def _read_json(path: Path):
         return None
 
 
-def _history(run: Path) -> list:
+def history(run: Path) -> list:
     try:
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
@@ -41,18 +41,18 @@ def run_row(run: Path) -> dict:
     config = {}
     if (run / "config.yaml").is_file():
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    summary, history = _read_json(run / "summary.json"), _history(run)
+    summary, records = _read_json(run / "summary.json"), history(run)
     if summary:
         state = "finished"
     elif (run / "PREEMPTED").exists():
         state = "preempted (requeued?)"
-    elif history or (run / "checkpoints").is_dir():
+    elif records or (run / "checkpoints").is_dir():
         state = "running or failed"
     else:
         state = "not started"
     summary = summary or {}
     return {"run": run.name, "arch": config.get("arch", ""), "lr": config.get("lr", ""),
-            "batch_size": config.get("batch_size", ""), "state": state, "epochs": len(history),
+            "batch_size": config.get("batch_size", ""), "state": state, "epochs": len(records),
             "best_epoch": summary.get("best_epoch", ""), "best_val_f1_macro": summary.get("best_val_f1_macro", ""),
             "test_acc": summary.get("test_acc", ""), "test_f1_macro": summary.get("test_f1_macro", ""),
             "wall_seconds": summary.get("wall_seconds", "")}
@@ -78,9 +78,9 @@ def plot(runs: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        history = _history(run)
-        if history:
-            ax.plot([r["epoch"] for r in history], [r["val_f1_macro"] for r in history], marker=".", label=run.name)
+        records = history(run)
+        if records:
+            ax.plot([r["epoch"] for r in records], [r["val_f1_macro"] for r in records], marker=".", label=run.name)
     ax.set(xlabel="epoch", ylabel="validation macro-F1", title=f"sweep {path.parent.name}")
     ax.grid(alpha=0.3)
     if ax.lines:
