@@ -94,3 +94,35 @@ def test_shuffle_order_depends_only_on_seed_and_epoch():
 
     assert order(0, 1) == order(0, 1)
     assert order(0, 1) != order(0, 2) and order(0, 1) != order(1, 1)
+
+
+def test_autoaugment_and_randaugment_draw_per_image():
+    same = _images(1).expand(64, -1, -1, -1).contiguous()
+    for policy in ("autoaugment", "randaugment"):
+        torch.manual_seed(0)
+        x = BatchTransform(32, train=True, padding=0, policy=policy)(same)
+        assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+        assert len({image.numpy().tobytes() for image in x}) > 20  # not one op for the whole batch
+
+
+def test_random_erasing_erases_some_images_only():
+    images = torch.full((400, 3, 32, 32), 200, dtype=torch.uint8)
+    torch.manual_seed(0)
+    x = BatchTransform(32, train=True, padding=0, erasing=0.5)(images)
+    plain = BatchTransform(32, train=False)(images[:1])[0]
+    erased = torch.tensor([not torch.allclose(image, plain) for image in x]).float().mean()
+    assert 0.4 < erased < 0.6  # flips change nothing on a flat image; erasing does, with probability 0.5
+
+
+@pytest.mark.parametrize("mix", [dict(mixup=0.2), dict(cutmix=1.0), dict(mixup=0.2, cutmix=1.0)])
+def test_mixup_cutmix_soft_targets_stay_with_their_images(mix):
+    labels = torch.randint(0, 10, (64,))
+    images = (labels * 20).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8).contiguous()
+    torch.manual_seed(0)
+    x, targets = BatchTransform(32, train=True, padding=0, num_classes=10, **mix).train_batch(images, labels)
+    assert targets.shape == (64, 10) and torch.allclose(targets.sum(1), torch.ones(64))
+    partner = labels.roll(1)  # torchvision mixes each image with the previous one in the batch
+    for i in range(64):
+        support = set(torch.nonzero(targets[i] > 1e-6).flatten().tolist())
+        assert support <= {labels[i].item(), partner[i].item()}
+        assert targets[i, labels[i]] >= 0.0 and x[i].shape == (3, 32, 32)

@@ -22,6 +22,9 @@ CASES = {
     "fp16 on cpu": (["--dataset", "{good}"], {"ACCELERATE_MIXED_PRECISION": "fp16", "CUDA_VISIBLE_DEVICES": ""},
                     "use --mixed_precision bf16"),
     "config unknown key": (["--config", "{badconfig}"], {}, "unknown key 'learning_rate'"),
+    "sync-bn on cpu": (["--dataset", "{good}", "--arch", "resnet18", "--sync-bn"], {"CUDA_VISIBLE_DEVICES": ""},
+                       "--sync-bn needs GPUs"),
+    "mixup alpha": (["--mixup-alpha", "-1"], {}, "--mixup-alpha must be >= 0"),
     # torchvision downloads ImageNet weights at run time; with no route out that must be one line too.
     "pretrained offline": (["--dataset", "{good}", "--arch", "resnet18", "--pretrained"],
                            {"TORCH_HOME": "{tmp}/torch-home", "https_proxy": "http://127.0.0.1:9",

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
-from conftest import ROOT, check, child_env, read_summary, run_main
+from conftest import FAST, ROOT, assert_same_run, check, child_env, read_summary, resume_args, run_main
 
 pytestmark = pytest.mark.slow
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
@@ -51,3 +52,43 @@ def test_compare_renders_a_table_and_curves(trained_run, resume_reference, tmp_p
     bad = subprocess.run([sys.executable, "-m", "train.compare", str(tmp_path)], cwd=ROOT, env=child_env(),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+
+
+RECIPE = ["--ema-decay", "0.9", "--auto-augment", "autoaugment", "--random-erasing", "0.25", "--mixup-alpha", "0.2",
+          "--cutmix-alpha", "1.0", "--tta"]
+
+
+@pytest.fixture(scope="module")
+def ema_run(dataset_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ema") / "run"
+    check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    return out
+
+
+def test_ema_weights_are_the_ones_validated_tested_and_saved(ema_run):
+    from safetensors.torch import load_file
+
+    best = read_summary(ema_run)["best_epoch"]
+    checkpoint = next((ema_run / "checkpoints").glob(f"e{best:04d}-b000000-*"))
+    saved, ema, raw = (load_file(str(p)) for p in (ema_run / "model.safetensors", checkpoint / "ema.safetensors",
+                                                    checkpoint / "model.safetensors"))
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.endswith("weight"))
+
+
+def test_recipe_features_resume_exactly(dataset_dir, ema_run, tmp_path):
+    out = tmp_path / "run"
+    killed = run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"],
+                      env={"CIFAR_ACCELERATE_FAILPOINT": "kill_after_step:13"})
+    assert killed.returncode != 0
+    check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    assert_same_run(out, ema_run)
+
+
+@pytest.mark.ddp
+def test_recipe_features_under_ddp(dataset_dir, tmp_path):
+    out = tmp_path / "ddp"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, *RECIPE], processes=2))
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["num_test_samples"] == 101
+    assert {"test_acc_tta", "test_f1_macro_tta"} <= set(summary)

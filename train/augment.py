@@ -35,14 +35,30 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
 
 class BatchTransform:
-    """uint8 (B, 3, H, W) -> normalised float (B, 3, size, size), augmented when `train`."""
+    """uint8 (B, 3, H, W) -> normalised float (B, 3, size, size); `train_batch` also augments.
 
-    def __init__(self, image_size: int, train: bool, padding: int = 4):
+    Training augmentation, per image unless noted: crop with padding and flip; optionally
+    AutoAugment (torchvision's CIFAR-10 policy) or RandAugment on the uint8 image; random erasing
+    on the normalised image; MixUp/CutMix (torchvision's, per batch), which turn labels into soft targets.
+    """
+
+    def __init__(self, image_size: int, train: bool = False, padding: int = 4, policy: str = "none",
+                 erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 0):
+        from torchvision.transforms import v2
+
         self.image_size, self.train, self.padding = image_size, train, padding
+        self.policy = {"autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+                       "randaugment": v2.RandAugment()}.get(policy)
+        self.erasing = v2.RandomErasing(p=erasing) if erasing else None
+        mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
+                 ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+        self.mix = v2.RandomChoice(mixers) if mixers else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.train:
             images = random_crop_flip(images, self.padding)
+            if self.policy:  # torchvision draws one op per call: call it per image
+                images = torch.stack([self.policy(image) for image in images])
         x = images.float().div_(255)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -50,5 +66,12 @@ class BatchTransform:
         mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
         x = x.sub_(mean).div_(std)
+        if self.train and self.erasing:
+            x = torch.stack([self.erasing(image) for image in x])
         # cuDNN's convolutions are fastest on NHWC; on CPU the default layout does as well.
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """(inputs, targets): targets are the labels, or soft targets (B, classes) after MixUp/CutMix."""
+        x = self(images)
+        return self.mix(x, labels) if self.mix else (x, labels)

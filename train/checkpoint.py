@@ -82,7 +82,6 @@ def _read_model_file(path: Path, require_metadata: bool = True) -> tuple:
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
-BEST = "best.safetensors"
 MANIFEST = "manifest.json"
 
 
@@ -125,8 +124,9 @@ class Checkpointer:
         self.identity = {"arch": arch, "class_names": class_names}
         self.saves = 0
 
-    def save(self, state, best_state) -> Path:
-        """Every rank calls this; the folder appears under its final name only once complete."""
+    def save(self, state, weights: dict) -> Path:
+        """Every rank calls this; the folder appears under its final name only once complete.
+        `weights`: {name: state dict} saved beside Accelerate's files as <name>.safetensors (best, ema)."""
         acc, self.saves = self.accelerator, self.saves + 1
         final = self.root / checkpoint_name(state)
         tmp = self.root / f".tmp-{final.name}"
@@ -137,8 +137,9 @@ class Checkpointer:
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps({**self.identity, **dataclasses.asdict(state)}))
-            if best_state is not None:
-                save_file(best_state, str(tmp / BEST))
+            for name, tensors in weights.items():
+                if tensors is not None:
+                    save_file(tensors, str(tmp / f"{name}.safetensors"))
             failpoint("kill_during_save", self.saves)
             _fsync_tree(tmp)
             _write_manifest(tmp)
@@ -191,14 +192,14 @@ class Checkpointer:
         return saved
 
     def restore(self, resume: str) -> tuple:
-        """(trainer state dict, best weights) from `resume` — "auto": the newest complete checkpoint that
-        loads, skipping broken ones with a warning; else that checkpoint folder — or (None, None)."""
+        """(trainer state dict, {name: weights}) from `resume` — "auto": the newest complete checkpoint
+        that loads, skipping broken ones with a warning; else that checkpoint folder — or (None, {})."""
         main = self.accelerator.is_main_process
         self.remove_partial()
         auto = resume == "auto"
         for folder in self.complete() if auto else [Path(resume)]:
             try:
-                saved, best = self.load(folder)
+                saved, weights = self.load(folder)
             except CheckpointError as e:
                 if not auto:
                     raise
@@ -208,17 +209,17 @@ class Checkpointer:
             if main:
                 print(f"resuming from {folder} (epoch {saved['epoch'] + 1}, batch {saved['batch_in_epoch']}, "
                       f"step {saved['step']})", flush=True)
-            return saved, best
+            return saved, weights
         if main:
             print(f"no complete checkpoint in {self.root}: starting fresh", flush=True)
-        return None, None
+        return None, {}
 
     def load(self, folder: Path) -> tuple:
-        """Restore every prepared object from `folder`; return (trainer state dict, best weights or None)."""
+        """Restore every prepared object from `folder`; return (trainer state dict, {name: weights})."""
         saved = self.verify(folder)
         try:
             self.accelerator.load_state(str(folder))
         except Exception as e:  # e.g. a shape mismatch the manifest could not see
             raise CheckpointError(f"checkpoint {folder} could not be loaded: {str(e).splitlines()[0]}") from None
-        best = load_file(str(folder / BEST)) if (folder / BEST).is_file() else None
-        return saved, best
+        extra = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors") if p.name != MODEL_FILE}
+        return saved, extra

@@ -39,6 +39,12 @@ class Config:
     cifar_stem: bool = _opt(False, "adapt ResNets and MobileNets to 32 px inputs (stride-1 stem, see README)")
     compile: bool = _opt(False, "torch.compile the model")
     tta: bool = _opt(False, "also report test metrics with horizontal-flip test-time augmentation")
+    auto_augment: str = _opt("none", "per-image policy after crop/flip", choices=("none", "autoaugment", "randaugment"))
+    random_erasing: float = _opt(0.0, "probability of random erasing per image (0: off)")
+    mixup_alpha: float = _opt(0.0, "MixUp alpha (0: off); with --cutmix-alpha one of the two per batch")
+    cutmix_alpha: float = _opt(0.0, "CutMix alpha (0: off)")
+    ema_decay: float = _opt(0.0, "keep an EMA of the weights (e.g. 0.999); it is validated, tested and saved")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (GPUs only: PyTorch has no CPU SyncBatchNorm)")
     # optimisation
     epochs: int = _opt(30, "training epochs")
     batch_size: int = _opt(128, "training batch size per process")
@@ -87,12 +93,15 @@ class Config:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("val_images", "train_images", "num_workers", "max_steps", "checkpoint_every_steps",
                         "limit_batches", "warmup_epochs",
-                        "weight_decay", "clip_grad_norm", "lr_step_size", "momentum")
+                        "weight_decay", "clip_grad_norm", "lr_step_size", "momentum", "mixup_alpha", "cutmix_alpha")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_size < 1:
             raise UsageError(f"--val-size must be in [0, 1), got {self.val_size}")
+        for name in ("random_erasing", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep_checkpoints < 1:

@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass, shared by every split and every run mode."""
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class Parts:
     scheduler: object
     train_loader: object
     val_loader: object
+    num_classes: int = 0
 
 
 class Hooks:
@@ -50,6 +52,10 @@ class Hooks:
 
     def on_epoch_end(self, state: TrainState, record: dict, improved: bool) -> None:
         pass
+
+    def evaluation(self):
+        """Context for validation (e.g. with EMA weights swapped in)."""
+        return contextlib.nullcontext()
 
     def should_stop(self) -> bool:
         return False
@@ -74,7 +80,8 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
     stop request ("signal"). Return (loss sum, correct, seen) over all processes, seconds, and the reason."""
     acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     model.train()
-    transform = BatchTransform(cfg.image_size, train=True)
+    transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
+                               mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha, num_classes=parts.num_classes)
     if state.batch_in_epoch == 0:
         state.partial, state.partial_seconds = [], 0.0
     totals = torch.tensor(_resumed_totals(state.partial, acc), device=acc.device)
@@ -94,8 +101,9 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
     for images, labels in batches:
         torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, acc.process_index))
         with acc.accumulate(model):
-            logits = model(transform(images))
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            inputs, targets = transform.train_batch(images, labels)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
             acc.backward(loss)
             if acc.sync_gradients and cfg.clip_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -159,7 +167,8 @@ def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
         if reason == "signal":
             return reason
         start = time.perf_counter()
-        record = validate_epoch(parts, cfg, state, totals, train_seconds, class_names)
+        with hooks.evaluation():
+            record = validate_epoch(parts, cfg, state, totals, train_seconds, class_names)
         record["epoch_seconds"] += time.perf_counter() - start
         improved = record["val_f1_macro"] > state.best_val_f1_macro
         if improved:

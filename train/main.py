@@ -21,6 +21,7 @@ from train import report, run_dir, tracking  # noqa: E402
 from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
+from train.ema import EMA  # noqa: E402
 from train.errors import UsageError, report_usage_error  # noqa: E402
 from train.failpoints import failpoint  # noqa: E402
 from train.loop import Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
@@ -66,6 +67,10 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     model = build_model(cfg.arch, len(data.class_names), cfg.pretrained, cfg.cifar_stem).to(accelerator.device)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn:
+        if accelerator.device.type != "cuda":
+            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         model = torch.compile(model)
     train_loader, val_loader = accelerator.prepare(
@@ -75,29 +80,35 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader)
+    return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, len(data.class_names))
 
 
 def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
-    """Return (TrainState, best weights) from the checkpoint --resume names, or a fresh start."""
-    saved, best = checkpointer.restore(cfg.resume) if cfg.resume else (None, None)
+    """Return (TrainState, {name: weights}) from the checkpoint --resume names, or a fresh start."""
+    saved, weights = checkpointer.restore(cfg.resume) if cfg.resume else (None, {})
     if saved is None:
-        return TrainState(), None
-    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__}), best
+        return TrainState(), {}
+    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__}), weights
 
 
 class RunHooks(Hooks):
     """Keeps the best weights, writes metrics and checkpoints, and listens for preemption."""
 
-    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, best, classes, clock, tracker):
-        self.cfg, self.parts, self.out, self.checkpointer, self.best = cfg, parts, out, checkpointer, best
+    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, weights, classes, clock, tracker):
+        self.cfg, self.parts, self.out, self.checkpointer = cfg, parts, out, checkpointer
         self.classes, self.clock, self.tracker, self.stop = classes, clock, tracker, StopFlag(parts.accelerator)
+        self.model = parts.accelerator.unwrap_model(parts.model, keep_torch_compile=False)
+        self.best, self.ema = weights.get("best"), EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        if self.ema and "ema" in weights:
+            self.ema.load(weights["ema"])
 
     def save(self, state):
         state.wall_seconds = self.clock()
-        self.checkpointer.save(state, self.best)
+        self.checkpointer.save(state, {"best": self.best, "ema": self.ema.cpu_state() if self.ema else None})
 
     def on_step(self, state, snapshot):
+        if self.ema:
+            self.ema.update(self.model)
         failpoint("kill_after_step", state.step)
         every = self.cfg.checkpoint_every_steps
         if every and state.step % every == 0:
@@ -111,7 +122,7 @@ class RunHooks(Hooks):
         self.tracker.log(tracking.epoch_values(record), step=state.step)
         acc = self.parts.accelerator
         if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
-            self.best = cpu_state_dict(acc.unwrap_model(self.parts.model, keep_torch_compile=False))
+            self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
         if acc.is_main_process:
             run_dir.append_metrics(self.out, record)
             if improved:
@@ -121,18 +132,21 @@ class RunHooks(Hooks):
     def should_stop(self):
         return self.stop.should_stop()
 
+    def evaluation(self):
+        return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
+
 
 def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float, tracker) -> tuple:
     """Train (or continue training); return (model with the best weights, state, fit's reason)."""
     parts = build_parts(cfg, accelerator, data)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, cfg.arch, data.class_names)
-    state, best = restore(cfg, checkpointer)
+    state, weights = restore(cfg, checkpointer)
     if accelerator.is_main_process:
         run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
     for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
         tracker.log(tracking.epoch_values(record), step=record["step"])
     earlier = state.wall_seconds
-    hooks = RunHooks(cfg, parts, out, checkpointer, best, data.class_names,
+    hooks = RunHooks(cfg, parts, out, checkpointer, weights, data.class_names,
                      clock=lambda: earlier + time.time() - started, tracker=tracker)
     reason = fit(parts, cfg, state, data.class_names, hooks)
     state.wall_seconds = hooks.clock()

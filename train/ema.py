@@ -1,0 +1,42 @@
+"""Exponential moving average of the weights, the one validated, tested and saved when enabled.
+
+Every process keeps the same EMA (DDP keeps the weights it averages identical), updated after
+each optimizer step; buffers such as BatchNorm statistics are copied, not averaged.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.params = {name for name, _ in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        current = model.state_dict()
+        averaged = [k for k in self.state if k in self.params]
+        torch._foreach_lerp_([self.state[k] for k in averaged], [current[k].detach() for k in averaged],
+                             1 - self.decay)
+        for k in self.state.keys() - self.params:
+            self.state[k].copy_(current[k])
+
+    @contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """Run the body with the EMA weights in `model`, then put the trained weights back."""
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            model.load_state_dict(trained)
+
+    def cpu_state(self) -> dict:
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state.items()}
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            self.state[k].copy_(v)
