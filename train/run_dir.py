@@ -7,9 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from train.checkpoint import MODEL_FILE as MODEL
+from train.checkpoint import atomic_write
 from train.errors import UsageError
 
-CONFIG, METRICS, SUMMARY, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 
 
 def default_output_dir(arch: str) -> str:
@@ -43,8 +45,6 @@ def write_config(path: Path, config: dict, env: dict) -> None:
 
 def write_metrics(path: Path, history: list) -> None:
     """Rewrite metrics.jsonl from a (resumed) history, so a redone epoch never appears twice."""
-    from train.checkpoint import atomic_write
-
     atomic_write(path / METRICS, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
 
 
