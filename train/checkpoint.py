@@ -24,8 +24,13 @@ from train.failpoints import failpoint
 MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
 
 
+def cpu_copy(tensors: dict) -> dict:
+    """A CPU copy of a state dict that safetensors can write (contiguous, unshared)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
 def cpu_state_dict(model: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return cpu_copy(model.state_dict())
 
 
 def atomic_write(path: Path, write) -> None:

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
+from train.checkpoint import cpu_copy
+
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -35,7 +37,7 @@ class EMA:
             model.load_state_dict(trained)
 
     def cpu_state(self) -> dict:
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state.items()}
+        return cpu_copy(self.state)
 
     def load(self, state: dict) -> None:
         for k, v in state.items():
