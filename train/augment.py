@@ -43,10 +43,12 @@ class BatchTransform:
     """
 
     def __init__(self, image_size: int, train: bool = False, padding: int = 4, policy: str = "none",
-                 erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 0):
+                 erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 0,
+                 mean: tuple = MEAN, std: tuple = STD):
         from torchvision.transforms import v2
 
         self.image_size, self.train, self.padding = image_size, train, padding
+        self.mean, self.std = mean, std
         self.policy = {"autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
                        "randaugment": v2.RandAugment()}.get(policy)
         self.erasing = v2.RandomErasing(p=erasing) if erasing else None
@@ -63,8 +65,8 @@ class BatchTransform:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
-        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         x = x.sub_(mean).div_(std)
         if self.train and self.erasing:
             x = torch.stack([self.erasing(image) for image in x])

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from train.errors import UsageError
-from train.failpoints import failpoint
+from train.failpoints import delay, failpoint
+from train.models import ModelSpec, clean_keys
 
 MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
 
@@ -41,42 +41,37 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_model(state_dict: dict, path: Path, arch: str, class_names: list) -> None:
-    metadata = {"arch": arch, "class_names": json.dumps(class_names), "format": "pt"}
-    atomic_write(path, lambda tmp: save_file(state_dict, str(tmp), metadata=metadata))
+def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
+    metadata = {**spec.to_metadata(), "format": "pt"}
+    atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
 
 
 def load_model(path: Path) -> tuple:
-    """Return (state_dict, arch, class_names) from a model.safetensors, a run folder holding one, or a
-    training checkpoint folder; or a one-line UsageError."""
+    """Return (state_dict, ModelSpec, names of the spec's fields the file did not record) from a
+    model.safetensors, a run folder holding one, or a training checkpoint folder; or a one-line UsageError."""
     path = Path(path)
     if (path / TRAINER_STATE).is_file():
         saved = json.loads((path / TRAINER_STATE).read_text())
-        state_dict, _, _ = _read_model_file(path / MODEL_FILE, require_metadata=False)
-        return _unwrapped(state_dict), saved["arch"], saved["class_names"]
-    return _read_model_file(path / MODEL_FILE if path.is_dir() else path)
+        state_dict, _ = _read_model_file(path / MODEL_FILE)
+        return clean_keys(state_dict), ModelSpec.from_dict(saved), ModelSpec.missing_from_dict(saved)
+    state_dict, metadata = _read_model_file(path / MODEL_FILE if path.is_dir() else path)
+    try:
+        spec = ModelSpec.from_metadata(metadata)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"{path} is not a model file of this project (metadata: {type(e).__name__} {e})") from None
+    return clean_keys(state_dict), spec, ModelSpec.missing_from_dict(metadata)
 
 
-def _unwrapped(state_dict: dict) -> dict:
-    # Accelerate saves the prepared model: keys may carry DDP's "module." or torch.compile's "_orig_mod.".
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def _read_model_file(path: Path, require_metadata: bool = True) -> tuple:
+def _read_model_file(path: Path) -> tuple:
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state_dict = load_file(str(path))
-        if not require_metadata:
-            return state_dict, None, None
-        class_names = json.loads(metadata["class_names"])
-        arch = metadata["arch"]
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable model file of this project ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'missing metadata'})") from None
-    return state_dict, arch, class_names
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable model file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -124,9 +119,9 @@ def checkpoint_name(state) -> str:
 
 
 class Checkpointer:
-    def __init__(self, accelerator, run_folder: Path, keep: int, arch: str, class_names: list):
+    def __init__(self, accelerator, run_folder: Path, keep: int, spec: ModelSpec):
         self.accelerator, self.root, self.keep = accelerator, Path(run_folder) / CHECKPOINTS, keep
-        self.identity = {"arch": arch, "class_names": class_names}
+        self.identity = spec.to_dict()  # a checkpoint continues only the model it was made for
         self.saves = 0
 
     def save(self, state, weights: dict) -> Path:
@@ -144,8 +139,9 @@ class Checkpointer:
             (tmp / TRAINER_STATE).write_text(json.dumps({**self.identity, **dataclasses.asdict(state)}))
             for name, tensors in weights.items():
                 if tensors is not None:
-                    save_file(tensors, str(tmp / f"{name}.safetensors"))
+                    save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
             failpoint("kill_during_save", self.saves)
+            delay("save")
             _fsync_tree(tmp)
             _write_manifest(tmp)
             if final.exists():  # an identical position saved before a crash: replace it
@@ -191,7 +187,7 @@ class Checkpointer:
                                       f"from {manifest_file.name})")
         saved = json.loads((folder / TRAINER_STATE).read_text())
         for key, value in self.identity.items():
-            if saved.get(key) != value:
+            if saved.get(key, value) != value:  # older checkpoints recorded only arch and class names
                 raise CheckpointError(f"checkpoint {folder / TRAINER_STATE} is for {key} {saved.get(key)!r}, "
                                       f"this run has {value!r}")
         return saved
@@ -226,5 +222,5 @@ class Checkpointer:
             self.accelerator.load_state(str(folder))
         except Exception as e:  # e.g. a shape mismatch the manifest could not see
             raise CheckpointError(f"checkpoint {folder} could not be loaded: {str(e).splitlines()[0]}") from None
-        extra = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors") if p.name != MODEL_FILE}
+        extra = {p.stem: clean_keys(load_file(str(p))) for p in folder.glob("*.safetensors") if p.name != MODEL_FILE}
         return saved, extra

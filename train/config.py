@@ -10,6 +10,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -70,6 +71,8 @@ class Config:
                              "or a checkpoint folder")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")
     keep_checkpoints: int = _opt(2, "newest checkpoints kept; the best model is kept apart")
+    dist_timeout: int = _opt(1800, "seconds a process waits for the others (a first data preparation included) "
+                                   "before the run fails")
     wandb: bool = _opt(True, "log to Weights & Biases when wandb is installed (--no-wandb: off, never imported)")
     wandb_mode: str = _opt("", "online, offline or disabled (default: WANDB_MODE / W&B's settings)",
                            choices=("", "online", "offline", "disabled"))
@@ -81,13 +84,17 @@ class Config:
     eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
     checkpoint: str = _opt("", "with --eval-only: a model.safetensors file or a run folder holding one")
 
+    # Options the user gave (command line or --config), as opposed to defaults; not an option itself.
+    given: ClassVar[frozenset] = frozenset()
+
     def validate(self) -> "Config":
         for f in fields(self):  # argparse checks choices on the command line, not in YAML defaults
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
                                  f"got '{getattr(self, f.name)}'")
-        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "image_size", "grad_accum_steps", "log_every")
+        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "image_size", "grad_accum_steps", "log_every",
+                "dist_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -125,17 +132,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """only_given: a parser whose result holds only the options actually on the command line."""
     parser = _Parser(description="Train a torchvision classifier on a Hugging Face image dataset with Accelerate.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML file of options; the command line overrides it")
     for f in fields(Config):
         flag, help = f"--{_flag(f.name)}", f.metadata["help"]
+        default = argparse.SUPPRESS if only_given else f.default
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help,
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=f.type, default=default, help=help, choices=f.metadata.get("choices"))
     return parser
 
 
@@ -183,4 +191,7 @@ def parse_config(argv=None) -> Config:
         parser.set_defaults(**load_yaml_options(known.config))
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    return Config(**args).validate()
+    cfg = Config(**args).validate()
+    given = set(vars(build_parser(only_given=True).parse_args(argv))) - {"config"}
+    cfg.given = frozenset(given | (set(load_yaml_options(known.config)) if known.config else set()))
+    return cfg

@@ -36,6 +36,16 @@ class EMA:
         finally:
             model.load_state_dict(trained)
 
+    def sync_buffers(self, accelerator) -> None:
+        """Take rank 0's copied buffers on every rank. Under DDP each rank's BatchNorm statistics are its
+        own (DDP syncs them only into the model, before a forward); rank 0's are the ones saved, so every
+        rank must test with those for the run's test metrics to be the saved model's."""
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for k in sorted(self.state.keys() - self.params):
+                broadcast(self.state[k], from_process=0)
+
     def cpu_state(self) -> dict:
         return cpu_copy(self.state)
 

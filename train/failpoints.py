@@ -1,16 +1,26 @@
-"""Fault injection for the crash tests: a real SIGKILL at a named point of a real run.
+"""Fault injection for the crash tests: a real SIGKILL or a real delay at a named point of a real run.
 
 CIFAR_ACCELERATE_FAILPOINT=kill_after_step:7 kills the process right after optimizer
 step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint.
-Unset (always, outside tests), it does nothing.
+CIFAR_ACCELERATE_DELAY=save:20 sleeps 20 s halfway through every checkpoint write;
+data_prep:8 sleeps 8 s while a node prepares the data (on the process that prepares it).
+Unset (always, outside tests), they do nothing.
 """
 
 import os
 import signal
+import time
 
 ENV = "CIFAR_ACCELERATE_FAILPOINT"
+DELAY_ENV = "CIFAR_ACCELERATE_DELAY"
 
 
 def failpoint(name: str, count: int) -> None:
     if os.environ.get(ENV) == f"{name}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def delay(name: str) -> None:
+    point, _, seconds = os.environ.get(DELAY_ENV, "").partition(":")
+    if point == name:
+        time.sleep(float(seconds))

@@ -148,7 +148,7 @@ def _resumed_totals(partial: list, acc) -> list:
 
 
 def validate_epoch(parts: Parts, cfg, state: TrainState, totals, seconds, class_names) -> dict:
-    val = evaluate(parts.accelerator, parts.model, parts.val_loader, cfg.image_size)
+    val = evaluate(parts.accelerator, parts.model, parts.val_loader, BatchTransform(cfg.image_size))
     metrics = classification_metrics(val.preds, val.labels, class_names)
     loss_sum, correct, seen = totals
     return {"epoch": state.epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
@@ -187,11 +187,10 @@ def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, image_size: int, tta: bool = False) -> EvalResult:
+def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = False) -> EvalResult:
     """Loss and predictions over every sample exactly once, on every process (DDP padding removed).
     With `tta`, also predictions from the mean of the softmax over the image and its mirror image."""
     model.eval()
-    transform = BatchTransform(image_size, train=False)
     columns = {"loss": [], "pred": [], "label": [], "pred_tta": []}
     for images, targets in loader:
         x = transform(images)

@@ -6,8 +6,10 @@ This file only wires the parts together: config, data, model, loop, metrics,
 checkpoints, preemption, run folder and report each live in their own module.
 """
 
+import dataclasses
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `train` importable and stop train/ shadowing top-level names
@@ -15,25 +17,28 @@ if __package__ in (None, ""):  # run as a script: make `train` importable and st
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 
-from train import report, run_dir, tracking  # noqa: E402
+from train import preemption, report, run_dir, tracking  # noqa: E402
+from train.augment import BatchTransform  # noqa: E402
 from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
 from train.errors import UsageError, report_usage_error  # noqa: E402
-from train.failpoints import failpoint  # noqa: E402
+from train.failpoints import delay, failpoint  # noqa: E402
 from train.loop import Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
-from train.models import build_model, check_arch  # noqa: E402
+from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
 from train.preemption import EXIT_PREEMPTED, MARKER, StopFlag  # noqa: E402
 
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
+    # The process-group timeout also bounds how long ranks wait while a node prepares the data.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, step_scheduler_with_optimizer=False,
-                              log_with="wandb" if track else None)
+                              log_with="wandb" if track else None,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError("--mixed_precision fp16 needs a GPU (on CPU Accelerate would silently train in fp32); "
                          "use --mixed_precision bf16")
@@ -64,7 +69,7 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
-    model = build_model(cfg.arch, len(data.class_names), cfg.pretrained, cfg.cifar_stem).to(accelerator.device)
+    model = ModelSpec.from_config(cfg, data.class_names).build(cfg.pretrained).to(accelerator.device)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn:
@@ -77,7 +82,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
         make_loader(data.train, cfg.batch_size, shuffle_seed=cfg.seed, num_workers=cfg.num_workers),
         make_loader(data.val, cfg.eval_batch_size, num_workers=cfg.num_workers))
     steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, len(data.class_names))
@@ -94,10 +99,10 @@ def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
 class RunHooks(Hooks):
     """Keeps the best weights, writes metrics and checkpoints, and listens for preemption."""
 
-    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, weights, classes, clock, tracker):
+    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, weights, spec, clock, tracker):
         self.cfg, self.parts, self.out, self.checkpointer = cfg, parts, out, checkpointer
-        self.classes, self.clock, self.tracker, self.stop = classes, clock, tracker, StopFlag(parts.accelerator)
-        self.model = parts.accelerator.unwrap_model(parts.model, keep_torch_compile=False)
+        self.spec, self.clock, self.tracker, self.stop = spec, clock, tracker, StopFlag(parts.accelerator)
+        self.model = plain_model(parts.accelerator, parts.model)  # clean state dict keys, whatever the wrapping
         self.best, self.ema = weights.get("best"), EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         if self.ema and "ema" in weights:
             self.ema.load(weights["ema"])
@@ -121,12 +126,14 @@ class RunHooks(Hooks):
     def on_epoch_end(self, state, record, improved):
         self.tracker.log(tracking.epoch_values(record), step=state.step)
         acc = self.parts.accelerator
+        if improved and self.ema:
+            self.ema.sync_buffers(acc)
         if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
             self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
         if acc.is_main_process:
             run_dir.append_metrics(self.out, record)
             if improved:
-                save_model(self.best, self.out / run_dir.MODEL, self.cfg.arch, self.classes)
+                save_model(self.best, self.out / run_dir.MODEL, self.spec)
         self.save(state)
 
     def should_stop(self):
@@ -139,41 +146,59 @@ class RunHooks(Hooks):
 def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float, tracker) -> tuple:
     """Train (or continue training); return (model with the best weights, state, fit's reason)."""
     parts = build_parts(cfg, accelerator, data)
-    checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, cfg.arch, data.class_names)
+    spec = ModelSpec.from_config(cfg, data.class_names)
+    checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
     state, weights = restore(cfg, checkpointer)
     if accelerator.is_main_process:
         run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
     for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
         tracker.log(tracking.epoch_values(record), step=record["step"])
     earlier = state.wall_seconds
-    hooks = RunHooks(cfg, parts, out, checkpointer, weights, data.class_names,
+    hooks = RunHooks(cfg, parts, out, checkpointer, weights, spec,
                      clock=lambda: earlier + time.time() - started, tracker=tracker)
     reason = fit(parts, cfg, state, data.class_names, hooks)
     state.wall_seconds = hooks.clock()
     if reason == "signal":
         hooks.save(state)
         if accelerator.is_main_process:
-            (out / MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}\n")
+            (out / MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
             print(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}", flush=True)
+        # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
+        # (status 75) ends the other nodes' tasks at once.
+        accelerator.wait_for_everyone()
         return parts.model, state, reason
     if accelerator.is_main_process:  # also when a resumed run's best epoch came before the resume
-        save_model(hooks.best, out / run_dir.MODEL, cfg.arch, data.class_names)
-    accelerator.unwrap_model(parts.model, keep_torch_compile=False).load_state_dict(hooks.best)
+        save_model(hooks.best, out / run_dir.MODEL, spec)
+    hooks.model.load_state_dict(hooks.best)
     return parts.model, state, reason
 
 
-def load_for_eval(cfg: Config, class_names: list) -> torch.nn.Module:
-    state_dict, arch, saved_classes = load_model(cfg.checkpoint)
-    if saved_classes != class_names:
-        raise UsageError(f"{cfg.checkpoint} was trained on classes {saved_classes}, the dataset has {class_names}")
-    cfg.arch = arch
-    model = build_model(arch, len(class_names))
-    model.load_state_dict(state_dict)
-    return model
+def load_for_eval(cfg: Config, class_names: list) -> tuple:
+    """(model, ModelSpec) of --checkpoint, rebuilt from its own record; an option that contradicts it is an error."""
+    state_dict, spec, unrecorded = load_model(cfg.checkpoint)
+    if list(spec.class_names) != class_names:
+        raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
+                         f"the dataset has {class_names}")
+    # Files of older runs lack the stem and input size: the command line may supply them.
+    spec = dataclasses.replace(spec, **{k: getattr(cfg, k) for k in unrecorded & cfg.given & {"cifar_stem", "image_size"}})
+    for name in ("arch", "cifar_stem", "image_size"):
+        if name in cfg.given and getattr(cfg, name) != getattr(spec, name):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {cfg.checkpoint}, which "
+                             f"was trained with {name} {getattr(spec, name)}: leave the option out")
+        setattr(cfg, name, getattr(spec, name))  # config.yaml and the report then say what was evaluated
+    model = spec.build()
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UsageError(f"the weights in {cfg.checkpoint} do not fit {spec.arch} (cifar_stem {spec.cifar_stem}): "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    return model, spec
 
 
-def test_and_report(cfg, accelerator, model, test_loader, state, data, out, started, tracker) -> None:
-    test = evaluate(accelerator, model, test_loader, cfg.image_size, tta=cfg.tta)
+def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, started, tracker) -> None:
+    test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
+    transform = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)
+    test = evaluate(accelerator, model, test_loader, transform, tta=cfg.tta)
     metrics = classification_metrics(test.preds, test.labels, data.class_names)
     if not accelerator.is_main_process:
         return
@@ -204,30 +229,46 @@ def run(cfg: Config) -> int:
     out = resolve_output_dir(cfg, accelerator)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
-    with accelerator.main_process_first():  # the hub download and Arrow cache are made once per node
-        data = load_image_data(cfg)
-    if cfg.limit_batches:
-        data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
-    data.place(accelerator.device)
+    data = prepare_data(cfg, accelerator)
     if cfg.eval_only:
-        model, state = accelerator.prepare(load_for_eval(cfg, data.class_names)), TrainState()
+        model, spec = load_for_eval(cfg, data.class_names)
+        model, state = accelerator.prepare(model), TrainState()
     env = run_dir.environment(accelerator.num_processes, accelerator.mixed_precision)
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
     try:
         if not cfg.eval_only:
+            spec = ModelSpec.from_config(cfg, data.class_names)
             model, state, reason = train(cfg, accelerator, data, out, started, tracker)
             if reason == "signal":
                 return EXIT_PREEMPTED
-        test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
-        test_and_report(cfg, accelerator, model, test_loader, state, data, out, started, tracker)
+        test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)
     finally:
         tracker.finish()
     return 0
 
 
+def prepare_data(cfg: Config, accelerator: Accelerator):
+    """Load and decode the dataset: first the local main process of each node (the hub download, the Arrow
+    and decode caches are per node), then the node's other processes, from those caches."""
+    try:
+        with accelerator.local_main_process_first():
+            if accelerator.is_local_main_process:
+                delay("data_prep")
+            data = load_image_data(cfg)
+    except torch.distributed.DistError as e:  # a barrier timed out, or a peer left it
+        raise UsageError(f"gave up waiting for the other processes while preparing the data (--dist-timeout "
+                         f"{cfg.dist_timeout} s; raise it if a first decode takes longer): "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    if cfg.limit_batches:
+        data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
+    data.place(accelerator.device)
+    return data
+
+
 def main(argv=None) -> int:
+    preemption.listen()  # before anything slow: a preemption signal during data loading is kept, not fatal
     try:
         return run(parse_config(argv))
     except UsageError as e:

@@ -1,11 +1,77 @@
-"""torchvision classifiers by builder name, with the head sized to the dataset."""
+"""torchvision classifiers by builder name, with the head sized to the dataset, and the record of how
+a trained model was built (ModelSpec) that travels with its weights."""
 
+import dataclasses
 import difflib
+import json
+import re
 
+import torch
 import torch.nn as nn
 import torchvision
 
+from train.augment import MEAN, STD
 from train.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that defines a trained network and its input: rebuilding from it needs no other option."""
+
+    arch: str
+    class_names: tuple
+    cifar_stem: bool = False
+    image_size: int = 32
+    mean: tuple = MEAN
+    std: tuple = STD
+
+    @classmethod
+    def from_config(cls, cfg, class_names) -> "ModelSpec":
+        return cls(cfg.arch, tuple(class_names), cfg.cifar_stem, cfg.image_size)
+
+    def build(self, pretrained: bool = False) -> nn.Module:
+        return build_model(self.arch, len(self.class_names), pretrained, self.cifar_stem)
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "class_names": list(self.class_names), "cifar_stem": self.cifar_stem,
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        """Files of older runs lack all but arch and class names: they were 32 px, ImageNet stem."""
+        return cls(d["arch"], tuple(d["class_names"]), bool(d.get("cifar_stem", False)),
+                   int(d.get("image_size", 32)), tuple(d.get("mean", MEAN)), tuple(d.get("std", STD)))
+
+    def to_metadata(self) -> dict:
+        """safetensors metadata holds strings only: JSON for everything but the arch."""
+        return {k: v if k == "arch" else json.dumps(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "ModelSpec":
+        return cls.from_dict({k: v if k == "arch" else json.loads(v) for k, v in metadata.items()
+                              if k in {f.name for f in dataclasses.fields(cls)}})
+
+    @classmethod
+    def missing_from_dict(cls, d: dict) -> set:
+        """Fields a file of an older run did not record (and ModelSpec filled with defaults)."""
+        return {f.name for f in dataclasses.fields(cls)} - set(d)
+
+
+def plain_model(accelerator, model: nn.Module) -> nn.Module:
+    """The torchvision module inside DDP and torch.compile wrappers, nested either way.
+
+    Accelerate's unwrap_model(keep_torch_compile=False) misses a compiled module inside DDP,
+    whose state dict keys then all start with `_orig_mod.`.
+    """
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def clean_keys(state_dict: dict) -> dict:
+    """State dict keys without DDP's `module.` or torch.compile's `_orig_mod.` (written by older runs)."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
 def classification_models() -> list:

@@ -10,13 +10,24 @@ import math
 import torch
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW, fused into one kernel per step when the parameters are on a GPU."""
+def use_fused(device_type: str, mixed_precision: str) -> bool:
+    """Fused SGD/AdamW kernels on GPUs, except with fp16.
+
+    With fp16, GradScaler hands fused optimizers the inf check to do inside the kernel, so an
+    overflow step is skipped without Accelerate seeing it (optimizer_step_was_skipped stays False,
+    the schedule advances), and fused SGD whose first step overflows leaves its momentum buffers
+    uninitialised. fp32 and bf16 need no scaler.
+    """
+    return device_type == "cuda" and mixed_precision != "fp16"
+
+
+def build_optimizer(cfg, model: torch.nn.Module, mixed_precision: str = "no") -> torch.optim.Optimizer:
+    """SGD or AdamW, fused into one kernel per step where that is correct (see use_fused)."""
     # No weight decay on norms and biases, as in torchvision's reference recipes.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if decay and decay[0].is_cuda else {}
+    fused = {"fused": True} if decay and use_fused(decay[0].device.type, mixed_precision) else {}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
