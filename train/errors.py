@@ -9,9 +9,16 @@ EXIT_USAGE = 2
 class UsageError(Exception):
     """Bad input from the user (arguments, config, dataset, checkpoint): not a bug in this code."""
 
+    every_rank = False  # most bad input is seen by every rank alike, and rank 0 says it
+
+
+class PeerTimeout(UsageError):
+    """A process waited longer than --dist-timeout for the others: only the one that waited knows."""
+
+    every_rank = True
+
 
 def report_usage_error(error: UsageError) -> int:
-    # Every rank detects the same bad input; one line from rank 0 is enough.
-    if os.environ.get("RANK", "0") == "0":
+    if error.every_rank or os.environ.get("RANK", "0") == "0":
         print(f"error: {error}", file=sys.stderr, flush=True)
     return EXIT_USAGE

@@ -25,7 +25,7 @@ from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_mod
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
-from train.errors import UsageError, report_usage_error  # noqa: E402
+from train.errors import PeerTimeout, UsageError, report_usage_error  # noqa: E402
 from train.failpoints import delay, failpoint  # noqa: E402
 from train.loop import Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
@@ -252,19 +252,28 @@ def run(cfg: Config) -> int:
 def prepare_data(cfg: Config, accelerator: Accelerator):
     """Load and decode the dataset: first the local main process of each node (the hub download, the Arrow
     and decode caches are per node), then the node's other processes, from those caches."""
-    try:
-        with accelerator.local_main_process_first():
-            if accelerator.is_local_main_process:
-                delay("data_prep")
-            data = load_image_data(cfg)
-    except torch.distributed.DistError as e:  # a barrier timed out, or a peer left it
-        raise UsageError(f"gave up waiting for the other processes while preparing the data (--dist-timeout "
-                         f"{cfg.dist_timeout} s; raise it if a first decode takes longer): "
-                         f"{str(e).strip().splitlines()[0]}") from None
+    first = accelerator.is_local_main_process
+    if not first:
+        wait_for_peers(cfg, accelerator, "preparing the data")
+    else:
+        delay("data_prep")
+    data = load_image_data(cfg)
+    if first:
+        wait_for_peers(cfg, accelerator, "preparing the data")
     if cfg.limit_batches:
         data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
     data.place(accelerator.device)
     return data
+
+
+def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str) -> None:
+    try:
+        accelerator.wait_for_everyone()
+    except RuntimeError as e:  # gloo and NCCL report a timeout or a vanished peer this way
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise PeerTimeout(f"process {accelerator.process_index} waited more than --dist-timeout "
+                              f"{cfg.dist_timeout} s for the others {doing}; raise --dist-timeout") from None
+        raise UsageError(f"another process failed or left while {doing}: see its message") from None
 
 
 def main(argv=None) -> int:
