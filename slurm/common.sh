@@ -1,11 +1,14 @@
 # Shared by train.sbatch, multinode.sbatch and sweep.sh (sourced; not a job script).
 #
 # run_node CMD...: start CMD (`accelerate launch ... train/main.py ...`) in the background (bash runs a
-#   trap only between foreground commands), forward SIGUSR1/SIGTERM to the train/main.py processes
-#   under it (Accelerate's launchers would die on USR1), and wait until it has exited.
-# run_steps CMD...: the same for `srun ...`, forwarding the signal to the job's steps.
-# requeue_if_preempted RUN_DIR: the training left RUN_DIR/PREEMPTED after checkpointing: requeue
-#   this job (a job that ends during the grace period is not requeued by Slurm), it resumes with --resume auto.
+#   trap only between foreground commands) with USR1 ignored by the launchers (torch's elastic agent
+#   would die of it), forward SIGUSR1/SIGTERM to the training processes under it, which register
+#   their pids in CIFAR_ACCELERATE_PID_DIR, and wait until it has exited.
+# run_steps CMD...: the same for `srun ...`, forwarding the signal to every process of the job's steps.
+# clear_stale_marker RUN_DIR: before training, drop a PREEMPTED marker left by an earlier attempt.
+# requeue_if_preempted RUN_DIR STATUS: this attempt's training left RUN_DIR/PREEMPTED after
+#   checkpointing: requeue this job (a job that ends during the grace period is not requeued by Slurm),
+#   at most MAX_REQUEUES times; it resumes with --resume auto. Says in the log why it did or did not.
 
 # Overrides, documented in the README:
 #   PROJECT_DIR        this project's folder (default: where sbatch was run)
@@ -14,6 +17,7 @@
 #   ACCELERATE_CONFIG  accelerate config file (default: accelerate_config.yaml, bf16; empty: none)
 #   ACCELERATE_ARGS    extra `accelerate launch` flags, e.g. "--mixed_precision no"
 #   PYTHON             the interpreter (default: python3 of the environment set up in the script)
+#   MAX_REQUEUES       requeues after preemption before a job gives up (default 5; SLURM_RESTART_COUNT counts)
 
 PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 RUNS_DIR=${RUNS_DIR:-$PROJECT_DIR/runs}
@@ -43,22 +47,37 @@ _descendants() {
     done
 }
 
+_PENDING_SIGNAL="" _SIGNALLED=" "
+
 _to_workers() {
-    local sig=$1 launcher=$2 p
-    echo "$(date +%T) $(hostname -s): got SIG$sig, forwarding to the training processes" >&2
-    # Only this job's workers (`python [-u] .../train/main.py ...`), never the launchers between them.
-    for p in $(_descendants "$launcher"); do
-        if tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -Eq '^[^ ]*python[0-9.]* (-u )?[^ ]*train/main\.py'; then
-            kill "-$sig" "$p" 2>/dev/null || true
+    # Only the training processes: each one wrote its pid into CIFAR_ACCELERATE_PID_DIR when it started
+    # (train/preemption.py), whatever the launch command. The launchers ignore USR1 (see _run_forwarding).
+    local launcher=$1 p below
+    below=$(_descendants "$launcher")
+    for p in $(ls "$CIFAR_ACCELERATE_PID_DIR" 2>/dev/null); do
+        case "$_SIGNALLED" in *" $p "*) continue ;; esac
+        if grep -qx "$p" <<<"$below"; then  # a pid file of this launcher's worker, not a reused pid
+            kill "-$_PENDING_SIGNAL" "$p" 2>/dev/null && _SIGNALLED+="$p "
         fi
     done
 }
 
+_on_signal() {
+    local sig=$1 forward=$2 launcher=$3 where=${SLURMD_NODENAME:-$(hostname -s)}
+    if [ "$forward" = _to_steps ]; then
+        echo "$(date +%T) batch script on $where: got SIG$sig, signalling the job steps" >&2
+    else
+        echo "$(date +%T) $where: got SIG$sig, forwarding to the training processes" >&2
+    fi
+    _PENDING_SIGNAL=$sig
+    "$forward" "$launcher"
+}
+
 _to_steps() {
-    # srun's tasks are not children of this shell: let Slurm deliver the signal to every job step,
-    # where each node's run_node passes it on to its own workers.
-    echo "$(date +%T) batch script: got SIG$1, signalling the job steps" >&2
-    scancel --signal="$1" "$SLURM_JOB_ID" || true
+    # srun's tasks are not children of this shell: Slurm delivers the signal to every process of every
+    # job step; each node's run_node passes it on to its own workers, its launchers ignore it.
+    scancel --signal="$_PENDING_SIGNAL" "$SLURM_JOB_ID" || true
+    _PENDING_SIGNAL=""
 }
 
 run_node() { _run_forwarding _to_workers "$@"; }   # the launcher runs here, on this node
@@ -67,27 +86,72 @@ run_steps() { _run_forwarding _to_steps "$@"; }    # srun: the launchers run in 
 _run_forwarding() {
     local forward=$1 pid status=0
     shift
-    "$@" &
+    CIFAR_ACCELERATE_PID_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cifar-accelerate-workers.XXXXXX")
+    export CIFAR_ACCELERATE_PID_DIR
+    # USR1 ignored from here down: torch's elastic agent (inside `accelerate launch`) would die of it
+    # (`scancel --signal` reaches every process of a step); the workers install their own handler.
+    (trap '' USR1; "$@") &
     pid=$!
-    trap "$forward USR1 $pid" USR1
-    trap "$forward TERM $pid" TERM
-    # `wait` returns early when a trapped signal arrives: wait again until the launcher is gone.
+    trap "_on_signal USR1 $forward $pid" USR1
+    trap "_on_signal TERM $forward $pid" TERM
+    # Poll rather than `wait $pid`: a signal that came before a worker registered its pid is delivered
+    # once it has (a worker ignores USR1 until then, so nothing is lost).
     while kill -0 "$pid" 2>/dev/null; do
-        wait "$pid" && status=0 || status=$?
+        sleep 1 & wait $! || true
+        [ -z "$_PENDING_SIGNAL" ] || "$forward" "$pid"
     done
+    wait "$pid" || status=$?
     trap - USR1 TERM
+    rm -rf "$CIFAR_ACCELERATE_PID_DIR"
     return "$status"
 }
 
-requeue_if_preempted() {
+MAX_REQUEUES=${MAX_REQUEUES:-5}
+
+clear_stale_marker() {
+    # A PREEMPTED marker left by an earlier attempt must not requeue this one if it fails before training.
     local run_dir=$1
     if [ -f "$run_dir/PREEMPTED" ]; then
-        echo "$(date +%T) preempted with a checkpoint in $run_dir: requeueing job $SLURM_JOB_ID" >&2
-        scontrol requeue "$SLURM_JOB_ID" || true  # already requeued by Slurm (scontrol requeue): fine
-        return 0
+        echo "$(date +%T) removing $run_dir/PREEMPTED of an earlier attempt ($(cat "$run_dir/PREEMPTED"))" >&2
+        rm -f "$run_dir/PREEMPTED"
     fi
-    return 1
 }
+
+requeue_if_preempted() {
+    # RUN_DIR STATUS: requeue only for a marker this attempt wrote, at most MAX_REQUEUES times; say why.
+    local run_dir=$1 status=$2 restarts=${SLURM_RESTART_COUNT:-0}
+    local attempt="slurm job $SLURM_JOB_ID restart $restarts"
+    if [ ! -f "$run_dir/PREEMPTED" ] || ! grep -q "; $attempt\$" "$run_dir/PREEMPTED"; then
+        [ "$status" -eq 0 ] || echo "$(date +%T) not requeueing job $SLURM_JOB_ID: the training exited with status $status without" \
+             "a checkpoint for preemption from this attempt ($attempt)" >&2
+        return 1
+    fi
+    if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
+        echo "$(date +%T) not requeueing job $SLURM_JOB_ID: preempted with a checkpoint in $run_dir, but it was" \
+             "already requeued $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit to continue" >&2
+        return 1
+    fi
+    echo "$(date +%T) preempted with a checkpoint in $run_dir: requeueing job $SLURM_JOB_ID" \
+         "(requeue $((restarts + 1)) of at most $MAX_REQUEUES)" >&2
+    scontrol requeue "$SLURM_JOB_ID" || true  # already requeued by Slurm (scontrol requeue): fine
+    return 0
+}
+
+main_port() {
+    # The rendezvous port, from the job id: 15000-29999, below Linux's ephemeral ports (32768-60999)
+    # that outgoing connections take at random.
+    echo $((15000 + $1 % 15000))
+}
+
+threads_per_process() {
+    # The CPUs the job asked for per node (srun steps get them: SRUN_CPUS_PER_TASK), shared by the workers.
+    local cpus=${SLURM_CPUS_PER_TASK:-$(nproc)} n
+    n=$((cpus / $(procs_per_node)))
+    echo $((n > 1 ? n : 1))
+}
+
+# Since Slurm 22.05 srun does not inherit --cpus-per-task from the job; without this a step gets one CPU.
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 
 accelerate_launch() {
     # accelerate_launch NUM_MACHINES MACHINE_RANK MAIN_IP PORT -- train/main.py args...
@@ -96,7 +160,7 @@ accelerate_launch() {
     shift 5
     nproc=$(procs_per_node)
     local args=(-m accelerate.commands.launch -q --num_machines "$machines" --num_processes $((nproc * machines))
-                --dynamo_backend no)
+                --dynamo_backend no --num_cpu_threads_per_process "$(threads_per_process)")
     if [ -n "$ACCELERATE_CONFIG" ]; then
         args+=(--config_file "$ACCELERATE_CONFIG")
     else
@@ -106,7 +170,10 @@ accelerate_launch() {
         args+=(--multi_gpu)
     fi
     if [ -n "$ip" ]; then
-        args+=(--machine_rank "$rank" --main_process_ip "$ip" --main_process_port "$port" --rdzv_backend c10d)
+        # Machine rank 0 hosts the rendezvous store, the others only connect: left to guess from hostnames,
+        # another node could bind the port first and machine rank 0 would then refuse to start.
+        args+=(--machine_rank "$rank" --main_process_ip "$ip" --main_process_port "$port" --rdzv_backend c10d
+               --rdzv_conf "is_host=$([ "$rank" = 0 ] && echo true || echo false)")
     fi
     # shellcheck disable=SC2206
     args+=(${ACCELERATE_ARGS:-} "$PROJECT_DIR/train/main.py" "$@")

@@ -58,8 +58,10 @@ bs=${BATCH_SIZES[$(( task % n_bs ))]}
 RUN_DIR=$RUNS_DIR/sweep-${SLURM_ARRAY_JOB_ID}/${arch}-lr${lr}-bs${bs}
 echo "task $task of $size: arch=$arch lr=$lr batch_size=$bs -> $RUN_DIR (restart ${SLURM_RESTART_COUNT:-0})"
 
+clear_stale_marker "$RUN_DIR"
 status=0
 run_node accelerate_launch 1 0 "" 0 -- "$@" --arch "$arch" --lr "$lr" --batch-size "$bs" \
     --output-dir "$RUN_DIR" --resume auto --wandb-group "sweep-${SLURM_ARRAY_JOB_ID}" || status=$?
-requeue_if_preempted "$RUN_DIR" && exit 0
+requeue_if_preempted "$RUN_DIR" "$status" && exit 0
+[ ! -f "$RUN_DIR/PREEMPTED" ] || exit 75  # preempted, checkpoint written, not requeued: MAX_REQUEUES
 exit "$status"

@@ -1,16 +1,20 @@
-"""The Slurm scripts against a real Slurm (tests/slurm/local_cluster.sh starts one on localhost)."""
+"""The Slurm scripts against a real Slurm: tests/slurm/local_cluster.sh starts one on localhost, with two
+emulated nodes (node1, node2), so multinode.sbatch runs one launcher per node as on a real cluster."""
 
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import RESUME_ARGS, ROOT, assert_same_run, child_env, read_summary
+import yaml
+
+from conftest import RESUME_ARGS, ROOT, assert_same_run, check, child_env, read_summary, run_main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
@@ -91,7 +95,7 @@ def test_sweep_runs_every_combination_and_summarises(job_env, tmp_path, dataset_
     assert all((sweep / r / "summary.json").is_file() for r in runs)
     assert "task 3 of 4: arch=resnet34 lr=0.05 batch_size=32" in logs(tmp_path)
 
-    proc = subprocess.run(["python", "-m", "train.sweep_summary", str(sweep)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "train.sweep_summary", str(sweep)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (sweep / "sweep_summary.md").read_text()
@@ -123,16 +127,49 @@ def test_train_sbatch_runs_ddp_over_the_gpus_it_was_given(job_env, tmp_path, dat
     assert summary["world_size"] == 2 and summary["num_test_samples"] == 101
 
 
-def test_multinode_sbatch_plumbs_rank_and_address(job_env, tmp_path, dataset_dir):
-    env = {**job_env, "NPROC_PER_NODE": "2"}
-    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=1", "--cpus-per-task=2",
+def test_multinode_sbatch_runs_one_launcher_per_node(job_env, tmp_path, dataset_dir):
+    env = {**job_env, "NPROC_PER_NODE": "1"}
+    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2", "--cpus-per-task=2",
                  args=["--dataset", str(dataset_dir), "--arch", "resnet18", "--epochs", "1", "--max-steps", "2"])
     (state,) = wait(env, job).values()
     text = logs(tmp_path)
     assert state["JobState"] == "COMPLETED", text
-    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-    assert f"--machine_rank 0 --main_process_ip {host}" in text and "--rdzv_backend c10d" in text
-    assert read_summary(tmp_path / "runs" / f"cifar-multinode-{job}")["world_size"] == 2
+    port = 15000 + int(job) % 15000  # below Linux's ephemeral ports (32768-60999)
+    for rank, host in ((0, "true"), (1, "false")):  # machine rank 0 hosts the rendezvous store, explicitly
+        assert (f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --rdzv_backend c10d "
+                f"--rdzv_conf is_host={host}") in text
+    run = tmp_path / "runs" / f"cifar-multinode-{job}"
+    assert read_summary(run)["world_size"] == 2
+    # srun does not inherit --cpus-per-task since Slurm 22.05: the step must still get both CPUs, and
+    # its one process per node both threads.
+    environment = yaml.safe_load((run / "config.yaml").read_text())["environment"]
+    assert environment["cpus"] == 2 and environment["torch_threads"] == 2, environment
+
+
+def _nodes_idle(env) -> bool:
+    out = subprocess.run(["scontrol", "-o", "show", "node"], env=env, capture_output=True, text=True).stdout
+    return bool(out.strip()) and all("CPUAlloc=0 " in line for line in out.splitlines())
+
+
+def _start_requeued_now(env, job):
+    """Requeued jobs wait ~2 minutes before they may start again; let it start now — but only once the old
+    instance is gone everywhere: started at once, Slurm kills it ("Job credential revoked")."""
+    deadline = time.time() + 60
+    while not _nodes_idle(env) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+
+
+def _wait_for_a_checkpoint(run, tmp_path):
+    deadline = time.time() + 300
+    while not (run / "checkpoints").is_dir() or not any(p.name[0] == "e" for p in (run / "checkpoints").iterdir()):
+        assert time.time() < deadline, logs(tmp_path)
+        time.sleep(0.05)
+
+
+def _usr1(env, job):  # what --signal=B:USR1@N does before the time limit
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
 
 
 def _preempt_and_finish(env, tmp_path, dataset_dir, preempt) -> Path:
@@ -143,30 +180,17 @@ def _preempt_and_finish(env, tmp_path, dataset_dir, preempt) -> Path:
     extra = ["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]]
     job = sbatch(env, tmp_path, "sweep.sh", "--array=0", args=extra)
     run = tmp_path / "runs" / f"sweep-{job}" / "resnet18-lr0.02-bs32"
-    deadline = time.time() + 300
-    while not (run / "checkpoints").is_dir() or not any(p.name[0] == "e" for p in (run / "checkpoints").iterdir()):
-        assert time.time() < deadline, logs(tmp_path)
-        time.sleep(0.05)
+    _wait_for_a_checkpoint(run, tmp_path)
     preempt(env, f"{job}_0")
-    # Requeued jobs wait ~2 minutes before they may start again; let it start now — but only once the
-    # old instance is gone: started at once, Slurm kills it ("Job credential revoked").
     wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] == "PENDING" or js[f"{job}_0"]["JobState"] in TERMINAL)
-    deadline = time.time() + 60
-    while "CPUAlloc=0" not in subprocess.run(["scontrol", "show", "node"], env=env, capture_output=True,
-                                             text=True).stdout and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)
-    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], env=env, capture_output=True)
+    _start_requeued_now(env, f"{job}_0")
     (state,) = wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] in TERMINAL).values()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, logs(tmp_path))
     return run
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(job_env, tmp_path, dataset_dir, resume_reference):
-    def usr1(env, job):  # what --signal=B:USR1@N does before the time limit
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
-
-    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, usr1)
+    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, _usr1)
     text = logs(tmp_path)
     assert "got SIGUSR1, forwarding" in text and "requeueing job" in text and "resuming from" in text
     assert_same_run(run, resume_reference)
@@ -182,3 +206,78 @@ def test_scontrol_requeue_checkpoints_and_resumes_to_the_same_result(job_env, tm
     assert "received SIGTERM" in text and "resuming from" in text
     assert_same_run(run, resume_reference)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
+
+
+@pytest.fixture(scope="module")
+def ddp_resume_reference(dataset_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run: what the 2-node runs below must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ddp-ref") / "run"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *RESUME_ARGS], processes=2))
+    return out
+
+
+def _multinode_preempted(env, tmp_path, dataset_dir) -> tuple:
+    """Start a 2-node run, USR1 it (as --signal=B:USR1@N does) once it has a checkpoint, wait for the requeue."""
+    env = {**env, "NPROC_PER_NODE": "1"}
+    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2",
+                 args=["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
+    run = tmp_path / "runs" / f"cifar-multinode-{job}"
+    _wait_for_a_checkpoint(run, tmp_path)
+    _usr1(env, job)
+    (state,) = wait(env, job, until=lambda js: js[job]["JobState"] == "PENDING" or js[job]["JobState"] in TERMINAL
+                    ).values()
+    assert state["JobState"] == "PENDING" and state["Restarts"] == "1", (state, logs(tmp_path))
+    return env, job, run
+
+
+def test_multinode_usr1_with_a_slow_checkpoint_requeues_and_resumes_exactly(job_env, tmp_path, dataset_dir,
+                                                                           ddp_resume_reference):
+    # The checkpoint of the preemption takes 8 s to write: the launchers on both nodes must outlive it.
+    env = {**job_env, "CIFAR_ACCELERATE_DELAY": "preempted_save:8"}
+    env, job, run = _multinode_preempted(env, tmp_path, dataset_dir)
+    text = logs(tmp_path)
+    assert "batch script on node1: got SIGUSR1, signalling the job steps" in text
+    assert "node1: got SIGUSR1, forwarding" in text and "node2: got SIGUSR1, forwarding" in text
+    assert text.count("received SIGUSR1: stopping after this step") == 2  # one line from each worker
+    assert "exit code 138" not in text and "requeueing job" in text  # 138 = 128 + USR1: a launcher killed
+    assert f"; slurm job {job} restart 0" in (run / "PREEMPTED").read_text()
+    _start_requeued_now(env, job)
+    (state,) = wait(env, job).values()
+    text = logs(tmp_path)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text)
+    assert "resuming from" in text and "starting fresh" not in text.split("restart 1")[-1]
+    assert_same_run(run, ddp_resume_reference)
+
+
+def test_multinode_failure_after_preemption_is_not_requeued_again(job_env, tmp_path, dataset_dir):
+    # The requeued attempt fails in the launcher, before train/main.py runs (a bad node, an import error):
+    # the first attempt's PREEMPTED marker must not requeue it again, and again, ...
+    python = tmp_path / "python-failing-after-requeue"
+    python.write_text(f"""#!/bin/bash
+if [ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ]; then echo "launcher failure on $SLURMD_NODENAME" >&2; exit 1; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env, job, run = _multinode_preempted({**job_env, "PYTHON": str(python)}, tmp_path, dataset_dir)
+    _start_requeued_now(env, job)
+    (state,) = wait(env, job).values()
+    text = logs(tmp_path)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", (state, text)
+    assert "launcher failure on node1" in text and "removing" in text and "of an earlier attempt" in text
+    assert f"not requeueing job {job}: the training exited with status 1 without a checkpoint" in text
+    time.sleep(3)  # a requeue would show by now
+    assert jobs(env, job)[job]["Restarts"] == "1"
+
+
+def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env, tmp_path, dataset_dir):
+    env = {**job_env, "MAX_REQUEUES": "0"}
+    job = sbatch(env, tmp_path, "train.sbatch", args=["--dataset", str(dataset_dir),
+                                                      *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
+    run = tmp_path / "runs" / f"cifar-train-{job}"
+    _wait_for_a_checkpoint(run, tmp_path)
+    _usr1(env, job)
+    (state,) = wait(env, job).values()
+    text = logs(tmp_path)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0" and state["Restarts"] == "0", (state, text)
+    assert "got SIGUSR1, forwarding to the training processes" in text and (run / "PREEMPTED").is_file()
+    assert f"not requeueing job {job}: preempted with a checkpoint" in text and "MAX_REQUEUES=0" in text

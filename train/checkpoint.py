@@ -124,7 +124,7 @@ class Checkpointer:
         self.identity = spec.to_dict()  # a checkpoint continues only the model it was made for
         self.saves = 0
 
-    def save(self, state, weights: dict) -> Path:
+    def save(self, state, weights: dict, preempted: bool = False) -> Path:
         """Every rank calls this; the folder appears under its final name only once complete.
         `weights`: {name: state dict} saved beside Accelerate's files as <name>.safetensors (best, ema)."""
         acc, self.saves = self.accelerator, self.saves + 1
@@ -141,7 +141,7 @@ class Checkpointer:
                 if tensors is not None:
                     save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
             failpoint("kill_during_save", self.saves)
-            delay("save")
+            delay("preempted_save" if preempted else "save")
             _fsync_tree(tmp)
             _write_manifest(tmp)
             if final.exists():  # an identical position saved before a crash: replace it

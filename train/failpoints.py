@@ -2,8 +2,9 @@
 
 CIFAR_ACCELERATE_FAILPOINT=kill_after_step:7 kills the process right after optimizer
 step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint.
-CIFAR_ACCELERATE_DELAY=save:20 sleeps 20 s halfway through every checkpoint write;
-data_prep:8 sleeps 8 s while a node prepares the data (on the process that prepares it).
+CIFAR_ACCELERATE_DELAY=preempted_save:20 sleeps 20 s halfway through writing the checkpoint of a
+preemption (save:20: of every other checkpoint); data_prep:8 sleeps 8 s while a node prepares the
+data (on the process that prepares it).
 Unset (always, outside tests), they do nothing.
 """
 

@@ -107,9 +107,10 @@ class RunHooks(Hooks):
         if self.ema and "ema" in weights:
             self.ema.load(weights["ema"])
 
-    def save(self, state):
+    def save(self, state, preempted: bool = False):
         state.wall_seconds = self.clock()
-        self.checkpointer.save(state, {"best": self.best, "ema": self.ema.cpu_state() if self.ema else None})
+        self.checkpointer.save(state, {"best": self.best, "ema": self.ema.cpu_state() if self.ema else None},
+                               preempted)
 
     def on_step(self, state, snapshot):
         if self.ema:
@@ -159,7 +160,7 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     reason = fit(parts, cfg, state, data.class_names, hooks)
     state.wall_seconds = hooks.clock()
     if reason == "signal":
-        hooks.save(state)
+        hooks.save(state, preempted=True)
         if accelerator.is_main_process:
             (out / MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
             print(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}", flush=True)

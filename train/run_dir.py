@@ -1,6 +1,7 @@
 """The run folder: resolved config, per-epoch metrics, summary. Written by the main process only."""
 
 import json
+import os
 import platform
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,9 @@ def environment(world_size: int, mixed_precision: str) -> dict:
     return {"torch": str(torch.__version__), "torchvision": torchvision.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__,
             "python": platform.python_version(), "world_size": world_size,
-            "mixed_precision": mixed_precision}
+            "mixed_precision": mixed_precision,
+            # what the main process was given: a Slurm step that lost its --cpus-per-task shows here
+            "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
 
 
 def write_config(path: Path, config: dict, env: dict) -> None:
