@@ -1,4 +1,8 @@
-"""W&B through real offline run files, read back with W&B's own `wandb leet inspect`."""
+"""W&B through real offline run files, read back with W&B's own `wandb leet inspect`.
+
+The end-to-end runs of train/main.py are marked slow; the Tracker tests run the real Tracker, Accelerator
+and wandb in offline mode (in this process, or in a child process where the environment matters).
+"""
 
 import json
 import shutil
@@ -8,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, MAIN, check, child_env, read_metrics, read_summary, run_main
+from conftest import FAST, MAIN, ROOT, check, child_env, read_metrics, read_summary, run_main
+from train import tracking
+from train.config import Config
 
-pytestmark = pytest.mark.slow
 CLASSES = ["red", "green", "blue", "yellow"]
 
 
@@ -40,7 +45,8 @@ def offline_args(dataset, out):
 def check_run_contents(run_dir, epochs=3):
     info = summary(run_dir)
     assert info["config"]["arch"] == "resnet18" and info["config"]["world_size"] >= 1
-    assert not any("key" in k.lower() for k in info["config"])
+    # Every option of the run is in the logged config (the secrets filter drops none of them).
+    assert set(Config().to_dict()) <= set(info["config"])
     rows = history(run_dir)
     per_epoch = ["epoch", "train/epoch_loss", "train/epoch_acc", "val/loss", "val/acc", "val/f1_macro",
                  "epoch_seconds", *[f"val/acc_{c}" for c in CLASSES]]
@@ -58,6 +64,7 @@ def check_run_contents(run_dir, epochs=3):
     return info
 
 
+@pytest.mark.slow
 def test_offline_run_has_config_curves_test_metrics_and_per_class(dataset_dir, tmp_path):
     out = tmp_path / "run"
     check(run_main(offline_args(dataset_dir, out), env={"WANDB_DIR": str(tmp_path / "wb")}))
@@ -72,6 +79,7 @@ def test_offline_run_has_config_curves_test_metrics_and_per_class(dataset_dir, t
     assert info["name"] == "resnet18-lr0.02-bs32"
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_makes_exactly_one_wandb_run(dataset_dir, tmp_path):
     check(run_main(offline_args(dataset_dir, tmp_path / "run"), processes=2, env={"WANDB_DIR": str(tmp_path / "wb")}))
@@ -80,6 +88,7 @@ def test_ddp_makes_exactly_one_wandb_run(dataset_dir, tmp_path):
     assert check_run_contents(runs[0])["config"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_unreachable_wandb_never_fails_the_run(dataset_dir, tmp_path):
     out = tmp_path / "run"
     env = {"WANDB_DIR": str(tmp_path / "wb"), "WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40,
@@ -89,6 +98,7 @@ def test_unreachable_wandb_never_fails_the_run(dataset_dir, tmp_path):
     assert len(read_metrics(out)) == 3 and "test_f1_macro" in read_summary(out)
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(dataset_dir, tmp_path):
     out, wb = tmp_path / "run", tmp_path / "wb"
     run_args = [*offline_args(dataset_dir, out), "--resume", "auto", "--checkpoint-every-steps", "3"]
@@ -109,6 +119,7 @@ def test_resumed_run_continues_the_same_wandb_run(dataset_dir, tmp_path):
     assert epochs == {1, 2, 3}
 
 
+@pytest.mark.slow
 def test_disabled_wandb_is_never_imported_and_leaves_no_folder(dataset_dir, tmp_path):
     out = tmp_path / "run"
     code = (f"import runpy, sys\nMAIN_PATH = {MAIN!r}\n"
@@ -121,3 +132,191 @@ def test_disabled_wandb_is_never_imported_and_leaves_no_folder(dataset_dir, tmp_
                           capture_output=True, text=True, timeout=300)
     assert "WANDB_NOT_IMPORTED" in proc.stdout, proc.stderr[-2000:]
     assert not list(tmp_path.rglob("wandb")) and not (out / "wandb.json").exists()
+
+
+# ---- The Tracker itself: real Accelerator, real wandb (offline), real run files ----------------------------
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+SECRETS = {"wandb_api_key": "s3cr3t-api-key-1", "HF_TOKEN": "s3cr3t-hf-token-2", "client_secret": "s3cr3t-client-3",
+           "db_password": "s3cr3t-password-4", "apiKey": "s3cr3t-camel-5", "GitHubToken": "s3cr3t-camel-6"}
+FINAL = {"test_loss": 0.5, "test_acc": 0.9, "test_f1_macro": 0.9, "best_epoch": 1, "best_val_f1_macro": 0.9,
+         "wall_seconds": 1.0, "test_per_class_accuracy": {"a": 0.9}, "confusion_matrix": [[9]]}  # a summary.json
+
+
+def run_config(**kw) -> Config:
+    return Config(arch="resnet18", lr=0.02, batch_size=32, wandb_mode="offline", **kw)
+
+
+@pytest.fixture
+def offline_tracker(tmp_path, monkeypatch):
+    """Start a Tracker as train/main.py does, in offline mode; yields a function (cfg, config) -> Tracker."""
+    from train.main import make_accelerator
+
+    for var in (*SLURM_VARS, "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # no console capture inside pytest
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def start(cfg=None, config=None):
+        cfg = cfg or run_config()
+        out = tmp_path / "run"
+        out.mkdir(exist_ok=True)
+        tracker = tracking.Tracker(make_accelerator(cfg, track=True), cfg, out, enabled=True)
+        tracker.start(config if config is not None else cfg.to_dict())
+        assert tracker.active
+        return tracker
+
+    yield start
+    import wandb
+
+    if wandb.run is not None:  # a test that turned the Tracker off leaves its W&B run to us
+        wandb.finish()
+
+
+@pytest.mark.parametrize("key", sorted(SECRETS))
+def test_secret_looking_keys_are_filtered(key):
+    config = {"arch": "resnet18", "lr": 0.02, "keep_checkpoints": 2, key: SECRETS[key]}
+    assert tracking.public_config(config) == {"arch": "resnet18", "lr": 0.02, "keep_checkpoints": 2}
+
+
+def test_no_option_of_the_run_is_filtered():
+    options = Config().to_dict()
+    assert tracking.public_config(options) == options
+
+
+def test_secrets_never_reach_the_wandb_run_files(offline_tracker, tmp_path):
+    cfg = run_config()
+    tracker = offline_tracker(cfg, {**cfg.to_dict(), "world_size": 1, **SECRETS})
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.finish()
+    (run,) = offline_runs(tmp_path / "wb")
+    logged = summary(run)["config"]
+    assert set(logged) == {*cfg.to_dict(), "world_size"}
+    raw = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
+    assert not [key for key, value in SECRETS.items() if value.encode() in raw]
+
+
+def test_logging_error_turns_wandb_off_for_the_rest_of_the_run(offline_tracker, tmp_path, monkeypatch, capsys):
+    tracker = offline_tracker()
+    tracker.log({"train/loss": 1.0}, step=1)
+    run = tracker.accelerator.get_tracker("wandb", unwrap=True)
+    healthy_log, calls = run.log, []
+
+    def failing_log(*args, **kwargs):  # what a W&B backend that went away does to the caller
+        calls.append(kwargs.get("step"))
+        raise ConnectionError("W&B backend went away")
+
+    monkeypatch.setattr(run, "log", failing_log)
+    tracker.log({"train/loss": 0.9}, step=2)
+    assert "logging failed (ConnectionError: W&B backend went away); W&B is off" in capsys.readouterr().err
+    monkeypatch.setattr(run, "log", healthy_log)  # W&B would work again: the run must not go back to it
+    tracker.log({"train/loss": 0.8}, step=3)
+    tracker.log_final(FINAL, ["a"])
+    tracker.finish()
+    assert calls == [2] and capsys.readouterr().err == ""
+    import wandb
+
+    wandb.finish()
+    (run_dir,) = offline_runs(tmp_path / "wb")
+    assert [(r["_step"], r["train/loss"]) for r in history(run_dir)] == [(1, 1.0)]
+    assert not any(key.startswith("test/") for key in summary(run_dir)["summary"])
+
+
+def test_a_finished_wandb_run_is_a_logging_error_not_a_crash(offline_tracker, capsys):
+    tracker = offline_tracker()
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.accelerator.get_tracker("wandb", unwrap=True).finish()  # W&B ended under us: a real wandb error
+    capsys.readouterr()
+    for step in (2, 3, 4):
+        tracker.log({"train/loss": 0.9}, step=step)
+    tracker.finish()
+    err = capsys.readouterr().err
+    assert not tracker.active
+    assert err.count("warning: W&B:") == 1 and "logging failed (UsageError" in err, err
+
+
+@pytest.mark.parametrize("env, name, group", [
+    ({}, "resnet18-lr0.02-bs32", ""),
+    ({"SLURM_JOB_ID": "4242"}, "resnet18-lr0.02-bs32-job4242", ""),
+    # An array task has its own SLURM_JOB_ID; the name and group use the array job's id.
+    ({"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "7"},
+     "resnet18-lr0.02-bs32-job4242_7", "sweep-4242"),
+    ({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4243", "SLURM_ARRAY_TASK_ID": "0"},
+     "resnet18-lr0.02-bs32-job4243_0", "sweep-4243"),
+])
+def test_run_name_and_group_from_slurm(env, name, group, monkeypatch):
+    for var in SLURM_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    cfg = run_config()
+    assert tracking.default_run_name(cfg) == name and tracking.default_group(cfg) == group
+    assert tracking.default_run_name(Config(arch="mobilenet_v2", lr=0.1, batch_size=128)) == \
+        name.replace("resnet18-lr0.02-bs32", "mobilenet_v2-lr0.1-bs128")
+    assert tracking.default_group(run_config(wandb_group="mine")) == "mine"  # --wandb-group wins
+
+
+def test_slurm_array_run_is_named_and_grouped_in_wandb(offline_tracker, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4250")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    tracker = offline_tracker()
+    tracker.finish()
+    (run,) = offline_runs(tmp_path / "wb")
+    assert summary(run)["name"] == "resnet18-lr0.02-bs32-job4242_7"
+    records = [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line]
+    assert [r["run"].get("run_group") for r in records if r.get("type") == "run"] == ["sweep-4242"]
+
+
+def tracker_script(argv: list, out: Path) -> str:
+    """Python that goes through train/main.py's W&B steps for `argv` and prints the Tracker's state."""
+    return (f"import json, sys\nfrom pathlib import Path\nfrom train import tracking\n"
+            f"from train.config import parse_config\nfrom train.main import make_accelerator\n"
+            f"cfg = parse_config({argv!r} + ['--output-dir', {str(out)!r}])\n"
+            f"track = tracking.wanted(cfg)\nout = Path(cfg.output_dir)\nout.mkdir(parents=True)\n"
+            f"tracker = tracking.Tracker(make_accelerator(cfg, track), cfg, out, enabled=track)\n"
+            f"tracker.start(cfg.to_dict())\ntracker.log({{'train/loss': 1.0}}, step=1)\n"
+            f"tracker.log_final({FINAL!r}, ['a'])\ntracker.finish()\n"
+            f"print(json.dumps({{'wanted': track, 'active': tracker.active, 'imported': 'wandb' in sys.modules}}))\n")
+
+
+def run_script(code: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    home = tmp_path / "home"  # empty: no ~/.netrc, no ~/.config/wandb
+    home.mkdir(exist_ok=True)
+    clean = {k: v for k, v in child_env().items()
+             if not k.startswith("WANDB_") and k not in ("NETRC", "XDG_CONFIG_HOME", *SLURM_VARS)}
+    clean.update({"HOME": str(home), "WANDB_DIR": str(tmp_path / "wb"), "WANDB_CONFIG_DIR": str(home / "wandb"),
+                  **env})
+    # stdin closed and a time limit: a run that waited for someone to type an API key would fail here.
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, env", [
+    ([], {"WANDB_MODE": "disabled"}),
+    (["--wandb-mode", "disabled"], {}),
+    (["--no-wandb"], {}),
+], ids=["WANDB_MODE=disabled", "--wandb-mode disabled", "--no-wandb"])
+def test_disabled_wandb_is_never_imported(argv, env, tmp_path):
+    proc = run_script(tracker_script(["--arch", "resnet18", *argv], tmp_path / "run"), tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"wanted": False, "active": False, "imported": False}
+    assert "W&B" not in proc.stderr and not (tmp_path / "wb").exists() and not (tmp_path / "run" / "wandb.json").exists()
+
+
+def test_online_without_credentials_goes_offline_at_once(tmp_path):
+    # Nowhere to send anything either: an attempt to go online would fail (and say so), not hang or upload.
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "20",
+           "WANDB_CONSOLE": "off"}
+    proc = run_script(tracker_script(["--arch", "resnet18", "--lr", "0.02", "--batch-size", "32"], tmp_path / "run"),
+                      tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"wanted": True, "active": True, "imported": True}
+    assert "warning: W&B: no API key found" in proc.stderr and "logging offline" in proc.stderr
+    assert "could not start the run" not in proc.stderr, proc.stderr[-3000:]  # offline at once, not after a failure
+    (run,) = offline_runs(tmp_path / "wb")
+    assert not [p for p in (tmp_path / "wb" / "wandb").glob("run-*")]  # no online run folder
+    info = summary(run)
+    assert info["name"] == "resnet18-lr0.02-bs32" and info["summary"]["_step"] == 1

@@ -181,7 +181,8 @@ def load_for_eval(cfg: Config, class_names: list) -> tuple:
         raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
                          f"the dataset has {class_names}")
     # Files of older runs lack the stem and input size: the command line may supply them.
-    spec = dataclasses.replace(spec, **{k: getattr(cfg, k) for k in unrecorded & cfg.given & {"cifar_stem", "image_size"}})
+    supplied = unrecorded & cfg.given & {"cifar_stem", "image_size"}
+    spec = dataclasses.replace(spec, **{name: getattr(cfg, name) for name in supplied})
     for name in ("arch", "cifar_stem", "image_size"):
         if name in cfg.given and getattr(cfg, name) != getattr(spec, name):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {cfg.checkpoint}, which "

@@ -12,6 +12,8 @@
 # all CPUs (oversubscribed across nodes), a 1/N share of the memory and 2 fake GPUs (character devices in
 # DIR/dev) so --gpus-per-node requests schedule; training inside still runs on the CPU
 # (ACCELERATE_USE_CPU=true, NPROC_PER_NODE set by the tests). task/affinity binds each step to its CPUs.
+# KillWait (SIGTERM to SIGKILL) is 5 s rather than the usual 30 s, so that a test's checkpoint made slow
+# on purpose outlasts it: a step ended early then kills the checkpoint, as a real cluster would a big one.
 set -euo pipefail
 
 install() {
@@ -70,7 +72,7 @@ SchedulerParameters=batch_sched_delay=0
 MinJobAge=3600
 ReturnToService=2
 MailProg=/bin/true
-KillWait=30
+KillWait=5
 GresTypes=gpu
 $(for k in $(seq "$n"); do
     echo "NodeName=node$k NodeHostname=$host NodeAddr=127.0.0.1 Port=$((16817 + k)) CPUs=$cpus RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN"
