@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,19 @@ def resume_reference(dataset_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     check(run_main(resume_args(dataset_dir, out)))
     return out
+
+
+def assert_resumed(proc: subprocess.CompletedProcess, total_steps: int) -> tuple:
+    """The run continued from the checkpoint it names and took only the steps that checkpoint lacked.
+
+    On CPU a fresh start reproduces the reference bit for bit, so equal results alone cannot tell a
+    resume from a silent restart. Returns (checkpoint name, its step).
+    """
+    named = re.search(r"resuming from (\S+) \(epoch \d+, batch \d+, step (\d+)\)", proc.stdout)
+    assert named, f"did not resume:\n{proc.stdout[-2000:]}"
+    step = int(named.group(2))
+    taken = re.search(r"(\d+) optimizer steps in this attempt \(from step (\d+) to (\d+)\)", proc.stdout)
+    assert taken and int(taken.group(2)) == step and int(taken.group(3)) == total_steps, proc.stdout[-2000:]
+    assert int(taken.group(1)) == total_steps - step < total_steps
+    assert "starting fresh" not in proc.stdout and not re.search(r"^warning:", proc.stderr, re.M), proc.stderr[-2000:]
+    return Path(named.group(1)).name, step

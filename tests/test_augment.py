@@ -114,7 +114,8 @@ def test_random_erasing_erases_some_images_only():
     assert 0.4 < erased < 0.6  # flips change nothing on a flat image; erasing does, with probability 0.5
 
 
-@pytest.mark.parametrize("mix", [dict(mixup=0.2), dict(cutmix=1.0), dict(mixup=0.2, cutmix=1.0)])
+# alpha 1: the weight is uniform in (0, 1), so one batch is visibly mixed (MixUp draws one weight a batch).
+@pytest.mark.parametrize("mix", [dict(mixup=1.0), dict(cutmix=1.0), dict(mixup=1.0, cutmix=1.0)])
 def test_mixup_cutmix_soft_targets_stay_with_their_images(mix):
     labels = torch.randint(0, 10, (64,))
     images = (labels * 20).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).to(torch.uint8).contiguous()
@@ -122,7 +123,53 @@ def test_mixup_cutmix_soft_targets_stay_with_their_images(mix):
     x, targets = BatchTransform(32, train=True, padding=0, num_classes=10, **mix).train_batch(images, labels)
     assert targets.shape == (64, 10) and torch.allclose(targets.sum(1), torch.ones(64))
     partner = labels.roll(1)  # torchvision mixes each image with the previous one in the batch
+    normalised = ((labels * 20).float() / 255 - MEAN[0]) / STD[0]  # channel 0 of each (flat) image
+    mixed = 0
     for i in range(64):
         support = set(torch.nonzero(targets[i] > 1e-6).flatten().tolist())
         assert support <= {labels[i].item(), partner[i].item()}
-        assert targets[i, labels[i]] >= 0.0 and x[i].shape == (3, 32, 32)
+        if labels[i] == partner[i]:
+            continue
+        # Share of image i in the pixels: MixUp's weight in every pixel, CutMix's fraction of the area
+        # left outside the box. The soft target must give its label exactly that weight.
+        own, other = normalised[i], normalised[(i - 1) % 64]
+        share = ((x[i, 0] - other) / (own - other)).mean()
+        assert targets[i, labels[i]] == pytest.approx(share.item(), abs=1e-4)
+        assert targets[i, partner[i]] == pytest.approx(1 - share.item(), abs=1e-4)
+        mixed += 0.01 < share < 0.99
+    assert mixed > 10  # images were really mixed, not passed through with their own label
+
+
+def test_tta_averages_the_softmax_of_each_image_and_its_mirror_image():
+    from accelerate import Accelerator
+
+    from train.loop import evaluate
+
+    class Halves(torch.nn.Module):
+        """Class 0: bright left half, 1: bright right half, 2: bright on both sides (weaker evidence)."""
+
+        def forward(self, x):
+            left, right = x[..., :16].mean((1, 2, 3)), x[..., 16:].mean((1, 2, 3))
+            return torch.stack([2 * left, 2 * right, 1.7 * (left + right)], 1)
+
+    images = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
+    images[:3, :, :, :16] = 255  # bright left: plain prediction 0; its mirror image says 1
+    images[3:, :, :, 16:] = 255  # bright right: plain 1, mirror 0
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(make_loader(Split(images, torch.zeros(6, dtype=torch.long)), 4))
+    transform = BatchTransform(32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixel values 0..1
+    result = evaluate(accelerator, Halves(), loader, transform, tta=True)
+    assert result.preds.tolist() == [0, 0, 0, 1, 1, 1]
+    # softmax([2, 0, 1.7]) + softmax([0, 2, 1.7]) puts class 2 first: only the mean over both views does.
+    assert result.preds_tta.tolist() == [2] * 6
+    assert result.forward_dtype == "float32"
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model(torch.zeros(1, 3, 32, 32))
+    random = _images(64)
+    loader = accelerator.prepare(make_loader(Split(random, torch.zeros(64, dtype=torch.long)), 16))
+    result = evaluate(accelerator, model, loader, BatchTransform(32), tta=True)
+    with torch.no_grad():
+        x = BatchTransform(32)(random)
+        expected = (model(x).softmax(1) + model(x.flip(3)).softmax(1)).argmax(1)
+    assert result.preds_tta.tolist() == expected.tolist() and (result.preds_tta != result.preds).any()

@@ -31,12 +31,13 @@ def test_parquet_in_hub_layout(dataset_dir):
 
 
 def test_split_is_fixed_by_seed(dataset_dir):
-    a = load_image_data(cfg(dataset_dir, seed=1)).val.labels
-    b = load_image_data(cfg(dataset_dir, seed=1)).val.images
-    c = load_image_data(cfg(dataset_dir, seed=2)).val.images
-    assert len(a) == len(b)
-    assert (b == load_image_data(cfg(dataset_dir, seed=1)).val.images).all()
-    assert not (b == c).all()
+    a = load_image_data(cfg(dataset_dir, seed=1))
+    b = load_image_data(cfg(dataset_dir, seed=1))
+    c = load_image_data(cfg(dataset_dir, seed=2))
+    # The same seed holds out the same images (with their labels) and trains on the same others.
+    assert (a.val.images == b.val.images).all() and (a.val.labels == b.val.labels).all()
+    assert (a.train.images == b.train.images).all() and (a.train.labels == b.train.labels).all()
+    assert not (a.val.images == c.val.images).all()
 
 
 def test_val_size_zero_validates_on_test(dataset_dir):

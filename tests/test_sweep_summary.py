@@ -1,11 +1,15 @@
+import csv
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, child_env
-from train.sweep_summary import summarise
+from train import run_dir
+from train.config import Config
+from train.sweep_summary import main, summarise
 
 
 @pytest.mark.slow  # needs a trained run
@@ -33,3 +37,88 @@ def test_missing_folder_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train.sweep_summary", str(tmp_path / "nope")], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "not a folder of runs" in proc.stderr
+
+
+# ---- Every state, from run folders written the way train/main.py writes them -----------------------------------
+
+def record(epoch: int) -> dict:
+    return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": 0.5, "val_loss": 1.1 / epoch, "val_acc": 0.5,
+            "val_f1_macro": 0.4 + 0.1 * epoch, "val_per_class_accuracy": {"a": 0.5, "b": 0.5}, "lr": 0.1,
+            "step": 8 * epoch, "epoch_seconds": 2.0, "images_per_second": 100.0}
+
+
+def make_run(sweep: Path, arch: str, lr: float, epochs: int = 0, *, finished=False, preempted=False,
+             checkpoints=False, config=True) -> str:
+    """A run folder as the training leaves it at some point of its life; returns its name."""
+    name = f"{arch}-lr{lr}-bs32"
+    run = sweep / name
+    run.mkdir(parents=True)
+    if config:
+        run_dir.write_config(run, {**Config().to_dict(), "arch": arch, "lr": lr, "batch_size": 32},
+                             {"world_size": 1})
+    for epoch in range(1, epochs + 1):
+        run_dir.append_metrics(run, record(epoch))
+    if checkpoints:
+        (run / "checkpoints" / f"e{epochs:04d}-b000003-step{8 * epochs + 3:08d}").mkdir(parents=True)
+    if preempted:
+        (run / "PREEMPTED").write_text(f"SIGUSR1 at step {8 * epochs + 3}; slurm job 7 restart 0\n")
+    if finished:
+        run_dir.write_summary(run, {"best_epoch": epochs, "best_val_f1_macro": 0.4 + 0.1 * epochs, "test_loss": 0.5,
+                                    "test_acc": 0.75, "test_f1_macro": 0.7, "wall_seconds": 123.0})
+    return name
+
+
+@pytest.fixture
+def sweep(tmp_path) -> tuple:
+    sweep = tmp_path / "sweep-7"
+    states = {
+        make_run(sweep, "resnet18", 0.1, 3, finished=True, checkpoints=True): "finished",
+        # preempted after its first epoch, or during it (the checkpoint preemption writes, no epoch yet)
+        make_run(sweep, "resnet18", 0.05, 1, preempted=True, checkpoints=True): "preempted (requeued?)",
+        make_run(sweep, "resnet18", 0.02, 0, preempted=True, checkpoints=True): "preempted (requeued?)",
+        # training, or killed: epochs done, or only a mid-epoch checkpoint so far
+        make_run(sweep, "resnet34", 0.1, 2, checkpoints=True): "running or failed",
+        make_run(sweep, "resnet34", 0.05, 2): "running or failed",
+        make_run(sweep, "resnet34", 0.02, 0, checkpoints=True): "running or failed",
+        make_run(sweep, "resnet50", 0.1, config=False): "not started",
+    }
+    (sweep / ".hidden").mkdir()  # not a run
+    return sweep, states
+
+
+def test_every_state_is_told_apart(sweep):
+    folder, states = sweep
+    rows = summarise(folder)
+    assert [r["run"] for r in rows] == sorted(states)
+    assert {r["run"]: r["state"] for r in rows} == states
+    by_name = {r["run"]: r for r in rows}
+    done = by_name["resnet18-lr0.1-bs32"]
+    assert (done["arch"], done["lr"], done["batch_size"], done["epochs"], done["best_epoch"], done["test_acc"],
+            done["test_f1_macro"], done["wall_seconds"]) == ("resnet18", 0.1, 32, 3, 3, 0.75, 0.7, 123.0)
+    assert by_name["resnet34-lr0.1-bs32"]["epochs"] == 2 and by_name["resnet18-lr0.05-bs32"]["epochs"] == 1
+    for name, state in states.items():  # no test numbers for a run without a summary
+        if state != "finished":
+            assert by_name[name]["test_acc"] == "" and by_name[name]["best_epoch"] == "", name
+
+
+def test_table_csv_and_printout_list_every_run(sweep, capsys):
+    folder, states = sweep
+    assert main([str(folder)]) == 0
+    printed = capsys.readouterr().out
+    table = (folder / "sweep_summary.md").read_text()
+    assert printed.startswith(table)
+    for name, state in states.items():
+        assert f"| {name} |" in table and f"| {state} |" in table.split(f"| {name} |")[1].splitlines()[0], name
+    with open(folder / "sweep_summary.csv", newline="") as f:
+        assert {r["run"]: r["state"] for r in csv.DictReader(f)} == states
+    unfinished = sorted(name for name, state in states.items() if state != "finished")
+    assert f"6 of 7 runs not finished: {', '.join(unfinished)}" in printed
+    assert main([str(folder)]) == 0  # its own output files are not runs
+    assert {r["run"] for r in summarise(folder)} == set(states)
+
+
+def test_a_summary_written_halfway_is_not_finished(tmp_path):
+    sweep = tmp_path / "sweep-8"
+    name = make_run(sweep, "resnet18", 0.1, 2, checkpoints=True)
+    (sweep / name / "summary.json").write_text('{"best_epoch": 2, "test_')  # killed while writing it
+    assert summarise(sweep)[0]["state"] == "running or failed"

@@ -11,9 +11,9 @@ from conftest import FAST, check, read_metrics, read_summary, run_main
 pytestmark = pytest.mark.slow
 
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1_macro", "lr", "epoch_seconds",
-              "images_per_second"}
+              "images_per_second", "train_images", "val_images"}
 SUMMARY_KEYS = {"best_epoch", "best_val_f1_macro", "test_loss", "test_acc", "test_f1_macro", "test_per_class_accuracy",
-                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision"}
+                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision", "forward_dtype"}
 
 
 def test_single_process_run_leaves_a_complete_run_folder(trained_run):
@@ -27,11 +27,12 @@ def test_single_process_run_leaves_a_complete_run_folder(trained_run):
     records = read_metrics(trained_run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(EPOCH_KEYS <= set(r) for r in records)
+    assert all(r["train_images"] == 230 and r["val_images"] == 26 for r in records)
 
     summary = read_summary(trained_run)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["num_test_samples"] == 101
-    assert summary["world_size"] == 1 and summary["mixed_precision"] == "no"
+    assert summary["world_size"] == 1 and summary["mixed_precision"] == "no" and summary["forward_dtype"] == "float32"
     best = max(records, key=lambda r: r["val_f1_macro"])
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_f1_macro"] == best["val_f1_macro"]
     assert summary["test_acc"] > 0.6, summary  # chance is 0.25
@@ -76,7 +77,16 @@ def test_eval_only_reproduces_the_final_test_metrics(trained_run, dataset_dir, t
 @pytest.mark.ddp
 def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(dataset_dir, tmp_path):
     out = tmp_path / "ddp"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST], processes=2))
+    # 27 validation images (odd: one rank's last batch is padded with a repeat), 229 training images.
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-images", "27"],
+                   processes=2))
+    for record in read_metrics(out):
+        assert record["val_images"] == 27  # the repeat is dropped
+        assert record["val_acc"] * 27 == pytest.approx(round(record["val_acc"] * 27))
+        # Train totals are summed over both processes (rank 0's share alone would be 128): each rank trains
+        # on 4 batches of 32, Accelerate completing the last one from the start of the shuffled order.
+        assert record["train_images"] == 256
+        assert record["train_acc"] * 256 == pytest.approx(round(record["train_acc"] * 256))
     summary = read_summary(out)
     assert summary["world_size"] == 2
     assert summary["num_test_samples"] == 101  # odd: the sampler pads one rank with a repeat
@@ -99,6 +109,7 @@ def test_shipped_accelerate_config_trains_with_bf16_and_ddp_on_cpu(dataset_dir, 
                    launch_args=["--config_file", "accelerate_config.yaml"]))
     summary = read_summary(out)
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
+    assert summary["forward_dtype"] == "bfloat16"  # seen coming out of the model, not Accelerate's own setting
     assert summary["test_acc"] > 0.6
 
 

@@ -245,7 +245,7 @@ def test_a_finished_wandb_run_is_a_logging_error_not_a_crash(offline_tracker, ca
      "resnet18-lr0.02-bs32-job4242_7", "sweep-4242"),
     ({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4243", "SLURM_ARRAY_TASK_ID": "0"},
      "resnet18-lr0.02-bs32-job4243_0", "sweep-4243"),
-])
+], ids=["no-slurm", "slurm-job", "array-task", "array-task-0"])
 def test_run_name_and_group_from_slurm(env, name, group, monkeypatch):
     for var in SLURM_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -268,6 +268,21 @@ def test_slurm_array_run_is_named_and_grouped_in_wandb(offline_tracker, tmp_path
     assert summary(run)["name"] == "resnet18-lr0.02-bs32-job4242_7"
     records = [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line]
     assert [r["run"].get("run_group") for r in records if r.get("type") == "run"] == ["sweep-4242"]
+
+
+def test_credentials_are_found_in_the_environment_or_netrc(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not tracking._has_credentials()
+    netrc = tmp_path / ".netrc"  # what `wandb login` writes
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert tracking._has_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another host does not count
+    assert not tracking._has_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert tracking._has_credentials()
 
 
 def tracker_script(argv: list, out: Path) -> str:

@@ -6,7 +6,6 @@ optimizer/scheduler/RNG files are read with torch.load(weights_only=True), the r
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from train.errors import UsageError
 from train.failpoints import delay, failpoint
+from train.files import atomic_write, dumps, sha256
 from train.models import ModelSpec, clean_keys
 
 MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
@@ -31,14 +31,6 @@ def cpu_copy(tensors: dict) -> dict:
 
 def cpu_state_dict(model: torch.nn.Module) -> dict:
     return cpu_copy(model.state_dict())
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: readers see the old file or the new, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
@@ -89,17 +81,9 @@ class CheckpointError(UsageError):
     """A checkpoint that is incomplete, corrupt, or from another model."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())}
-    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps({"files": files}, indent=1)))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.iterdir())}
+    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(dumps({"files": files}, indent=1)))
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -136,7 +120,7 @@ class Checkpointer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every rank's RNG file is in place
         if acc.is_main_process:
-            (tmp / TRAINER_STATE).write_text(json.dumps({**self.identity, **dataclasses.asdict(state)}))
+            (tmp / TRAINER_STATE).write_text(dumps({**self.identity, **dataclasses.asdict(state)}))
             for name, tensors in weights.items():
                 if tensors is not None:
                     save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
@@ -182,7 +166,7 @@ class Checkpointer:
             path = folder / name
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file {path} is missing")
-            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
                 raise CheckpointError(f"checkpoint file {path} is truncated or corrupt (size or sha256 differs "
                                       f"from {manifest_file.name})")
         saved = json.loads((folder / TRAINER_STATE).read_text())

@@ -173,7 +173,7 @@ def _read_cache(path: Path, n: int):
 def _write_cache(path: Path, images: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    from train.checkpoint import atomic_write
+    from train.files import atomic_write
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,12 +61,33 @@ class Hooks:
         return False
 
 
+EXIT_DIVERGED = 3  # the exit status of a run stopped by a non-finite loss
+
+
+class Diverged(Exception):
+    """A non-finite training loss. Raised on every rank at once; nothing after the last checkpoint is kept."""
+
+    def __init__(self, step: int, epoch: int, lr: float):
+        super().__init__(f"training diverged: the loss was not finite at optimizer step {step} (epoch {epoch}, "
+                         f"lr {lr:.4g}); the last complete checkpoint is intact. Usually helps: a lower --lr, "
+                         f"--clip-grad-norm 1.0, bf16 rather than fp16; then continue with --resume auto")
+
+
+def check_finite(accelerator, first_bad: torch.Tensor, epoch: int, lr: float) -> None:
+    """Raise Diverged if any rank saw a non-finite loss. A collective: every rank calls it at the same step."""
+    seen = accelerator.gather(first_bad[None]).tolist()  # the step of each rank's first bad loss, 0 if none
+    bad = [step for step in seen if step > 0]
+    if bad:
+        raise Diverged(min(bad), epoch, lr)
+
+
 @dataclass
 class EvalResult:
     loss: float
     preds: np.ndarray
     labels: np.ndarray
     preds_tta: np.ndarray = None  # with horizontal-flip test-time augmentation, when asked for
+    forward_dtype: str = ""  # what the model computed its logits in: "bfloat16" under bf16 autocast
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -77,7 +98,8 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
 
 def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple:
     """Train from state.batch_in_epoch until the epoch ends ("end"), --max-steps ("max_steps") or a
-    stop request ("signal"). Return (loss sum, correct, seen) over all processes, seconds, and the reason."""
+    stop request ("signal"). Return (loss sum, correct, seen) over all processes, seconds, and the reason.
+    Raise Diverged, on every rank, after a non-finite loss."""
     acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     model.train()
     transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
@@ -93,48 +115,66 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
     bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not acc.is_main_process)
     start, reason = time.perf_counter() - state.partial_seconds, "end"
+    # Divergence is recorded on the device (the step of the first non-finite loss) and read only where the
+    # loop synchronises anyway: log steps, before a checkpoint is written, and at the end of the epoch.
+    step_on_device = torch.tensor(state.step, device=acc.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=acc.device)
+
+    def check():
+        check_finite(acc, first_bad, state.epoch + 1, optimizer.param_groups[0]["lr"])
 
     def snapshot():
+        check()  # never checkpoint weights that have diverged
         state.partial = acc.gather(totals.clone()[None]).tolist()
         state.partial_seconds = time.perf_counter() - start
 
-    for images, labels in batches:
-        torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, acc.process_index))
-        with acc.accumulate(model):
-            inputs, targets = transform.train_batch(images, labels)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.clip_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.batch_in_epoch += 1
-        totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                               torch.tensor(len(labels), device=totals.device)])
-        bar.update()
-        if not acc.sync_gradients:
-            continue
-        if not acc.optimizer_step_was_skipped:
-            parts.scheduler.step()
-        state.step += 1
-        if state.step % cfg.log_every == 0:  # the only host sync inside the epoch
-            seen = totals[2].item()
-            values = {"train/loss": totals[0].item() / seen, "train/lr": optimizer.param_groups[0]["lr"],
-                      "train/images_per_second": seen * acc.num_processes / (time.perf_counter() - start)}
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
-            hooks.on_log(state, values)
-        hooks.on_step(state, snapshot)
-        if hooks.should_stop():
-            reason = "signal"
-            snapshot()
-            break
-        if cfg.max_steps and state.step >= cfg.max_steps:
-            reason = "max_steps"
-            break
-    if reason != "end":
-        batches.end()  # leaving a prepared loader early must unregister it from Accelerate's gradient state
-    bar.close()
+    try:
+        for images, labels in batches:
+            torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, acc.process_index))
+            with acc.accumulate(model):
+                inputs, targets = transform.train_batch(images, labels)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad_norm:
+                    acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
+                                   torch.tensor(len(labels), device=totals.device)])
+            first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step_on_device + 1,
+                                        first_bad))
+            bar.update()
+            if not acc.sync_gradients:
+                continue
+            if not acc.optimizer_step_was_skipped:
+                parts.scheduler.step()
+            state.step += 1
+            step_on_device += 1
+            if state.step % cfg.log_every == 0:  # the only host sync inside the epoch
+                check()
+                seen = totals[2].item()
+                values = {"train/loss": totals[0].item() / seen, "train/lr": optimizer.param_groups[0]["lr"],
+                          "train/images_per_second": seen * acc.num_processes / (time.perf_counter() - start)}
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
+                hooks.on_log(state, values)
+            hooks.on_step(state, snapshot)
+            if hooks.should_stop():
+                reason = "signal"
+                snapshot()
+                break
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                reason = "max_steps"
+                break
+        check()
+    except Diverged:
+        reason = "diverged"
+        raise
+    finally:
+        if reason != "end":
+            batches.end()  # leaving a prepared loader early must unregister it from Accelerate's gradient state
+        bar.close()
     return acc.reduce(totals, reduction="sum").tolist(), time.perf_counter() - start, reason
 
 
@@ -155,6 +195,7 @@ def validate_epoch(parts: Parts, cfg, state: TrainState, totals, seconds, class_
             "val_loss": val.loss, "val_acc": metrics["acc"], "val_f1_macro": metrics["f1_macro"],
             "val_per_class_accuracy": metrics["per_class_accuracy"],
             "lr": parts.optimizer.param_groups[0]["lr"], "step": state.step,
+            "train_images": int(seen), "val_images": len(val.labels),  # all processes, each image once
             "epoch_seconds": seconds, "images_per_second": seen / max(1e-9, seconds)}
 
 
@@ -192,9 +233,11 @@ def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = 
     With `tta`, also predictions from the mean of the softmax over the image and its mirror image."""
     model.eval()
     columns = {"loss": [], "pred": [], "label": [], "pred_tta": []}
+    forward_dtype = ""
     for images, targets in loader:
         x = transform(images)
-        logits = model(x).float()
+        logits = model(x)
+        forward_dtype, logits = str(logits.dtype).removeprefix("torch."), logits.float()
         batch = {"loss": F.cross_entropy(logits, targets, reduction="none"), "pred": logits.argmax(1),
                  "label": targets}
         if tta:
@@ -206,4 +249,4 @@ def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = 
     return EvalResult(loss=float(loss.mean()) if loss is not None else float("nan"),
                       preds=joined["pred"] if joined["pred"] is not None else np.zeros(0, int),
                       labels=joined["label"] if joined["label"] is not None else np.zeros(0, int),
-                      preds_tta=joined["pred_tta"])
+                      preds_tta=joined["pred_tta"], forward_dtype=forward_dtype)

@@ -27,10 +27,10 @@ from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
 from train.errors import PeerTimeout, UsageError, report_usage_error  # noqa: E402
 from train.failpoints import delay, failpoint  # noqa: E402
-from train.loop import Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
+from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
+from train.optim import build_optimizer, build_scheduler, set_peak_lr  # noqa: E402
 from train.preemption import EXIT_PREEMPTED, MARKER, StopFlag  # noqa: E402
 
 
@@ -104,6 +104,7 @@ class RunHooks(Hooks):
         self.spec, self.clock, self.tracker, self.stop = spec, clock, tracker, StopFlag(parts.accelerator)
         self.model = plain_model(parts.accelerator, parts.model)  # clean state dict keys, whatever the wrapping
         self.best, self.ema = weights.get("best"), EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.steps_taken = 0  # by this process: a resumed run takes only the steps its checkpoint lacked
         if self.ema and "ema" in weights:
             self.ema.load(weights["ema"])
 
@@ -113,6 +114,7 @@ class RunHooks(Hooks):
                                preempted)
 
     def on_step(self, state, snapshot):
+        self.steps_taken += 1
         if self.ema:
             self.ema.update(self.model)
         failpoint("kill_after_step", state.step)
@@ -150,6 +152,8 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     spec = ModelSpec.from_config(cfg, data.class_names)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
     state, weights = restore(cfg, checkpointer)
+    if state.step and set_peak_lr(parts.scheduler, cfg.lr) and accelerator.is_main_process:
+        print(f"continuing with --lr {cfg.lr} (the checkpoint was trained with another)", flush=True)
     if accelerator.is_main_process:
         run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
     for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
@@ -157,8 +161,12 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     earlier = state.wall_seconds
     hooks = RunHooks(cfg, parts, out, checkpointer, weights, spec,
                      clock=lambda: earlier + time.time() - started, tracker=tracker)
+    first_step = state.step
     reason = fit(parts, cfg, state, data.class_names, hooks)
     state.wall_seconds = hooks.clock()
+    if accelerator.is_main_process:
+        print(f"{hooks.steps_taken} optimizer steps in this attempt (from step {first_step} to {state.step})",
+              flush=True)
     if reason == "signal":
         hooks.save(state, preempted=True)
         if accelerator.is_main_process:
@@ -212,7 +220,8 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
                "confusion_matrix": metrics["confusion_matrix"], "num_test_samples": metrics["num_samples"],
                "epochs_trained": state.epoch, "steps": state.step,
                "wall_seconds": state.wall_seconds or time.time() - started,
-               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "forward_dtype": test.forward_dtype}
     if cfg.tta:  # reported beside, never instead of, the plain numbers
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
@@ -246,6 +255,10 @@ def run(cfg: Config) -> int:
             if reason == "signal":
                 return EXIT_PREEMPTED
         test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)
+    except Diverged as e:
+        if accelerator.is_main_process:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     finally:
         tracker.finish()
     return 0

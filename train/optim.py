@@ -59,3 +59,19 @@ def warmup_epochs(cfg) -> float:
 
 def build_scheduler(cfg, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+
+
+def set_peak_lr(scheduler, peak_lr: float) -> bool:
+    """Make a restored schedule run at `peak_lr` from where it stands; return whether that changed it.
+
+    A checkpoint restores the schedule's own peak (LambdaLR keeps base_lrs in its state), which would
+    silently override --lr when a run that diverged is resumed with a lower one.
+    """
+    schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper
+    if all(base == peak_lr for base in schedule.base_lrs):
+        return False
+    schedule.base_lrs = [peak_lr] * len(schedule.base_lrs)
+    for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+        group["initial_lr"], group["lr"] = peak_lr, peak_lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+    return True

@@ -1,6 +1,5 @@
 """The run folder: resolved config, per-epoch metrics, summary. Written by the main process only."""
 
-import json
 import os
 import platform
 from datetime import datetime
@@ -9,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from train.checkpoint import MODEL_FILE as MODEL
-from train.checkpoint import atomic_write
 from train.errors import UsageError
+from train.files import atomic_write, dumps
 
 CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
 
@@ -48,13 +47,13 @@ def write_config(path: Path, config: dict, env: dict) -> None:
 
 def write_metrics(path: Path, history: list) -> None:
     """Rewrite metrics.jsonl from a (resumed) history, so a redone epoch never appears twice."""
-    atomic_write(path / METRICS, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
+    atomic_write(path / METRICS, lambda tmp: tmp.write_text("".join(dumps(r) + "\n" for r in history)))
 
 
 def append_metrics(path: Path, record: dict) -> None:
     with open(path / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    (path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    (path / SUMMARY).write_text(dumps(summary, indent=2) + "\n")

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from train.files import dumps
+
 STATE_FILE = "wandb.json"  # the run id: a resumed or requeued run continues the same W&B run
 DEFAULT_PROJECT = "cifar-accelerate"
 SECRET_WORDS = ("key", "token", "secret", "password")
@@ -108,7 +110,7 @@ class Tracker:
 
         saved = json.loads((self.out / STATE_FILE).read_text()) if (self.out / STATE_FILE).is_file() else {}
         self.run_id = saved.get("id") or secrets.token_hex(4)
-        (self.out / STATE_FILE).write_text(json.dumps({"id": self.run_id}) + "\n")
+        (self.out / STATE_FILE).write_text(dumps({"id": self.run_id}) + "\n")
         init = {"name": self.cfg.run_name or default_run_name(self.cfg), "entity": self.cfg.wandb_entity or None,
                 "group": default_group(self.cfg) or None, "id": self.run_id, "resume": "allow", "mode": mode,
                 "tags": [t for t in self.cfg.tags.split(",") if t] or None, "dir": self._wandb_dir(),
