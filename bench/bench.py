@@ -64,7 +64,7 @@ def load_train_split(args):
     image_col, label_col, classes = find_columns(ds.features, SimpleNamespace(dataset=args.dataset, image_column="",
                                                                               label_column=""))
     start = time.perf_counter()
-    split = decode_split(ds, image_col, label_col, len(classes), cache_dir="off")
+    split, _ = decode_split(ds, image_col, label_col, len(classes), cache_dir="off")
     return ds, image_col, label_col, split, time.perf_counter() - start
 
 

@@ -16,7 +16,7 @@ from train.errors import UsageError
 
 def cfg(dataset, **kw):
     base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0, decode_cache="off",
-                val_images=0, train_images=0)
+                val_images=0, train_images=0, skip_bad_images=False)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -132,7 +132,7 @@ def test_decode_cache_is_used_and_rebuilt_when_the_data_changes(tmp_path, monkey
     assert len(files) == 2  # train and test
 
     import train.data
-    monkeypatch.setattr(train.data, "_decode_images", lambda raw: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(train.data, "_decode_images", lambda *a: pytest.fail("decoded although cached"))
     again = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
     assert (again.train.images == first.train.images).all()
     monkeypatch.undo()

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1_macro", "lr", "epoch_seconds",
               "images_per_second", "train_images", "val_images"}
 SUMMARY_KEYS = {"best_epoch", "best_val_f1_macro", "test_loss", "test_acc", "test_f1_macro", "test_per_class_accuracy",
-                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision", "forward_dtype"}
+                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision",
+                "forward_dtype"}
 
 
 def test_single_process_run_leaves_a_complete_run_folder(trained_run):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from train.errors import UsageError
 from train.failpoints import delay, failpoint
-from train.files import atomic_write, dumps, sha256
+from train.files import atomic_write, dumps, sha256, writing
 from train.models import ModelSpec, clean_keys
 
 MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
@@ -35,7 +35,8 @@ def cpu_state_dict(model: torch.nn.Module) -> dict:
 
 def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
     metadata = {**spec.to_metadata(), "format": "pt"}
-    atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
+    with writing(path):
+        atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
 
 
 def load_model(path: Path) -> tuple:
@@ -117,23 +118,35 @@ class Checkpointer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank's RNG file is in place
+        try:  # a full or read-only disk fails here, before the rename: the previous checkpoint stays intact
+            with writing(tmp):
+                acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank's RNG file is in place
+            if acc.is_main_process:
+                with writing(tmp):
+                    self._write_rest(tmp, state, weights, preempted)
+        except OSError:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # give back the space the failed write took
+            raise
         if acc.is_main_process:
-            (tmp / TRAINER_STATE).write_text(dumps({**self.identity, **dataclasses.asdict(state)}))
-            for name, tensors in weights.items():
-                if tensors is not None:
-                    save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
-            failpoint("kill_during_save", self.saves)
-            delay("preempted_save" if preempted else "save")
-            _fsync_tree(tmp)
-            _write_manifest(tmp)
             if final.exists():  # an identical position saved before a crash: replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
             self._rotate()
         acc.wait_for_everyone()
         return final
+
+    def _write_rest(self, tmp: Path, state, weights: dict, preempted: bool) -> None:
+        (tmp / TRAINER_STATE).write_text(dumps({**self.identity, **dataclasses.asdict(state)}))
+        for name, tensors in weights.items():
+            if tensors is not None:
+                save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
+        failpoint("kill_during_save", self.saves)
+        failpoint("enospc_during_save", self.saves, tmp / MANIFEST)
+        delay("preempted_save" if preempted else "save")
+        _fsync_tree(tmp)
+        _write_manifest(tmp)
 
     def complete(self) -> list:
         """Complete checkpoints, newest first."""

@@ -31,6 +31,8 @@ class Config:
     val_images: int = _opt(0, "hold out exactly this many validation images instead of --val-size (0: off)")
     train_images: int = _opt(0, "train on this many of the remaining images (stratified; 0: all)")
     image_size: int = _opt(32, "side of the square network input, in pixels")
+    skip_bad_images: bool = _opt(False, "leave out rows whose image cannot be decoded (counted in summary.json) "
+                                        "instead of stopping")
     num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
     decode_cache: str = _opt(os.environ.get("CIFAR_ACCELERATE_CACHE", "~/.cache/cifar-accelerate"),
                              "folder of decoded images, keyed by the dataset's fingerprint ('off': decode every run)")

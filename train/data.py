@@ -7,7 +7,7 @@ pass. Augmentation then runs per batch on the training device (train/augment.py)
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class ImageData:
     test: Split
     class_names: list
     val_source: str  # where validation images come from, for the report
+    skipped: dict = field(default_factory=dict)  # undecodable rows left out per split (--skip-bad-images)
 
     def limit(self, batches: int, batch_size: int, eval_batch_size: int, world_size: int) -> None:
         """Keep the first `batches` batches of every split (--limit-batches, for smoke runs)."""
@@ -63,7 +64,8 @@ class ImageData:
         return True
 
     def sizes(self) -> dict:
-        return {"train": len(self.train), "val_source": self.val_source, "test": len(self.test)}
+        return {"train": len(self.train), "val_source": self.val_source, "test": len(self.test),
+                "skipped": self.skipped}
 
 
 def load_image_data(cfg) -> ImageData:
@@ -72,8 +74,12 @@ def load_image_data(cfg) -> ImageData:
         if needed not in splits:
             raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
     image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
-    train = decode_split(splits["train"], image_col, label_col, len(class_names), cfg.decode_cache)
-    test = decode_split(splits["test"], image_col, label_col, len(class_names), cfg.decode_cache)
+    skip = cfg.skip_bad_images
+    train, skipped_train = decode_split(splits["train"], image_col, label_col, len(class_names), cfg.decode_cache,
+                                        f"dataset {cfg.dataset}, split 'train'", skip)
+    test, skipped_test = decode_split(splits["test"], image_col, label_col, len(class_names), cfg.decode_cache,
+                                      f"dataset {cfg.dataset}, split 'test'", skip)
+    skipped = {"train": skipped_train, "test": skipped_test}
     held_out = cfg.val_images or cfg.val_size
     labels, rest = train.labels.numpy(), np.arange(len(train))
     try:
@@ -86,11 +92,11 @@ def load_image_data(cfg) -> ImageData:
         raise UsageError(f"cannot split {len(train)} training images as asked (--val-size/--val-images/"
                          f"--train-images): {str(e).splitlines()[0]}") from None
     if not held_out:
-        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)")
+        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)", skipped)
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
     if cfg.train_images:
         source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"
-    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source)
+    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source, skipped)
 
 
 def _load_dataset_dict(name: str):
@@ -133,8 +139,11 @@ def find_columns(features, cfg):
     return image_col, label_col, list(label_feature.names)
 
 
-def decode_split(ds, image_col, label_col, num_classes, cache_dir: str = "off") -> Split:
-    """Labels checked and decoded images, read from the decode cache when this exact data was seen."""
+def decode_split(ds, image_col, label_col, num_classes, cache_dir: str = "off", where: str = "",
+                 skip_bad: bool = False) -> tuple:
+    """(Split, number of rows skipped): labels checked and images decoded, read from the decode cache when
+    this exact data was seen. An undecodable image is a UsageError naming `where` (dataset and split), the
+    row and the column; with `skip_bad` its row is dropped instead."""
     import datasets
 
     labels = torch.tensor(ds.data.column(label_col).to_numpy(zero_copy_only=False), dtype=torch.long)
@@ -143,13 +152,16 @@ def decode_split(ds, image_col, label_col, num_classes, cache_dir: str = "off") 
         raise UsageError(f"label column '{label_col}' holds {labels[bad][0].item()}, outside the "
                          f"{num_classes} classes 0..{num_classes - 1}")
     cache = _cache_file(ds, image_col, cache_dir)
-    images = _read_cache(cache, len(labels)) if cache else None
-    if images is None:
+    cached = _read_cache(cache, len(labels), skip_bad) if cache else None
+    if cached is None:
         raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
-        images = _decode_images(raw)
+        cached = _decode_images(raw, f"{where}, column '{image_col}'", skip_bad)
         if cache:
-            _write_cache(cache, images)
-    return Split(images, labels)
+            _write_cache(cache, *cached)
+    images, rows = cached
+    if rows is None:
+        return Split(images, labels), 0
+    return Split(images, labels[rows]), len(labels) - len(rows)
 
 
 def _cache_file(ds, image_col: str, cache_dir: str):
@@ -159,44 +171,64 @@ def _cache_file(ds, image_col: str, cache_dir: str):
     return Path(os.path.expanduser(cache_dir)) / f"{ds._fingerprint}-{image_col}-{len(ds)}.safetensors"
 
 
-def _read_cache(path: Path, n: int):
+def _read_cache(path: Path, n: int, skip_bad: bool):
+    """(images, kept rows or None) from the cache, or None to decode again."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        images = load_file(str(path))["images"] if path.is_file() else None
-    except (SafetensorError, OSError, KeyError):
+        saved = load_file(str(path)) if path.is_file() else {}
+    except (SafetensorError, OSError):
         return None  # unreadable: decode again and overwrite it
-    return images if images is not None and len(images) == n else None
+    images, rows = saved.get("images"), saved.get("rows")
+    if images is None or (rows is not None and not skip_bad):  # rows were skipped: without the option, say so
+        return None
+    return (images, rows) if len(images) == (n if rows is None else len(rows)) else None
 
 
-def _write_cache(path: Path, images: torch.Tensor) -> None:
+def _write_cache(path: Path, images: torch.Tensor, rows) -> None:
     from safetensors.torch import save_file
 
     from train.files import atomic_write
 
+    tensors = {"images": images, **({"rows": rows} if rows is not None else {})}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"images": images}, str(tmp)))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     except OSError as e:  # a read-only or full disk costs the next run a decode, nothing more
         print(f"warning: could not write the decode cache {path}: {e}", flush=True)
 
 
-def _decode_images(raw: list) -> torch.Tensor:
-    first = _open(raw[0]) if raw else None
-    size = first.size if first else (0, 0)
-    out = np.empty((len(raw), size[1], size[0], 3), dtype=np.uint8)
+def _decode_images(raw: list, where: str, skip_bad: bool) -> tuple:
+    """(uint8 (N, 3, H, W), indices of the rows kept or None when all were)."""
+    decoded = []
     for i, item in enumerate(raw):
-        img = _open(item)
+        try:
+            decoded.append(_open(item))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
+            if not skip_bad:
+                path = f" ({item['path']})" if item.get("path") else ""
+                raise UsageError(f"{where}, row {i}{path}: cannot decode the image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); fix or remove it, "
+                                 "or pass --skip-bad-images to leave such rows out") from None
+            decoded.append(None)
+            print(f"warning: {where}, row {i}: undecodable image skipped (--skip-bad-images)", flush=True)
+    kept = [i for i, img in enumerate(decoded) if img is not None]
+    size = decoded[kept[0]].size if kept else (0, 0)
+    out = np.empty((len(kept), size[1], size[0], 3), dtype=np.uint8)
+    for slot, i in enumerate(kept):
+        img = decoded[i]
         if img.size != size:  # mixed sizes: store every image at the first one's size
             img = img.resize(size, Image.BILINEAR)
-        out[i] = np.asarray(img)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        out[slot] = np.asarray(img)
+    rows = torch.tensor(kept, dtype=torch.long) if len(kept) < len(raw) else None
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), rows
 
 
 def _open(item) -> Image.Image:
     source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-    return Image.open(source).convert("RGB")
+    with Image.open(source) as img:
+        return img.convert("RGB")  # decodes fully: a truncated file fails here, in its row, not later
 
 
 class _Indices(Dataset):

@@ -22,3 +22,14 @@ def report_usage_error(error: UsageError) -> int:
     if error.every_rank or os.environ.get("RANK", "0") == "0":
         print(f"error: {error}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+EXIT_IO = 74  # EX_IOERR from sysexits.h
+
+
+def report_write_error(error: OSError) -> int:
+    """A full, read-only or forbidden disk: one line naming the path, from whichever process hit it."""
+    where = f" {error.filename}" if error.filename else ""
+    print(f"error: could not write{where}: {error.strerror or error}; free space or choose another "
+          f"--output-dir, then continue with --resume auto", file=sys.stderr, flush=True)
+    return EXIT_IO

@@ -1,13 +1,15 @@
 """Fault injection for the crash tests: a real SIGKILL or a real delay at a named point of a real run.
 
 CIFAR_ACCELERATE_FAILPOINT=kill_after_step:7 kills the process right after optimizer
-step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint.
+step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint;
+enospc_during_save:2 makes that write fail as on a full disk.
 CIFAR_ACCELERATE_DELAY=preempted_save:20 sleeps 20 s halfway through writing the checkpoint of a
 preemption (save:20: of every other checkpoint); data_prep:8 sleeps 8 s while a node prepares the
 data (on the process that prepares it).
 Unset (always, outside tests), they do nothing.
 """
 
+import errno
 import os
 import signal
 import time
@@ -16,9 +18,12 @@ ENV = "CIFAR_ACCELERATE_FAILPOINT"
 DELAY_ENV = "CIFAR_ACCELERATE_DELAY"
 
 
-def failpoint(name: str, count: int) -> None:
-    if os.environ.get(ENV) == f"{name}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def failpoint(name: str, count: int, path=None) -> None:
+    if os.environ.get(ENV) != f"{name}:{count}":
+        return
+    if name.startswith("enospc"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def delay(name: str) -> None:

@@ -1,10 +1,16 @@
 """File I/O shared by the run folder, checkpoints and the decode cache: atomic writes, hashes, strict JSON."""
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+LOW_SPACE = 64 << 20  # bytes left after a failed write that make "the disk is full" the likely cause
 
 
 def atomic_write(path: Path, write) -> None:
@@ -41,3 +47,36 @@ def dumps(obj, **kwargs) -> str:
     """Strict JSON: NaN and infinities, which json.dumps would write as bare NaN/Infinity (not JSON, and
     refused by jq, JavaScript and many loaders), become null."""
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def disk_error(path: Path, error: BaseException):
+    """The OSError behind a failed write under `path` when the disk is full, read-only or forbidden, else None.
+
+    Libraries report these in their own words (torch: "unexpected pos ...", safetensors: "StorageFull"),
+    so besides the exception chain this looks at the disk itself.
+    """
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            return OSError(cause.errno, cause.strerror, cause.filename or str(path))
+        cause = cause.__cause__ or cause.__context__
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        return OSError(errno.EACCES, "not writable (read-only or forbidden)", str(path))
+    if shutil.disk_usage(folder).free < LOW_SPACE:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+@contextmanager
+def writing(path: Path):
+    """Make a failed write under `path` that the disk caused an OSError naming the path (one line for the user)."""
+    try:
+        yield
+    except Exception as e:
+        disk = disk_error(path, e)
+        if disk is None:
+            raise
+        raise disk from None

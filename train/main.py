@@ -25,8 +25,9 @@ from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_mod
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
-from train.errors import PeerTimeout, UsageError, report_usage_error  # noqa: E402
+from train.errors import PeerTimeout, UsageError, report_usage_error, report_write_error  # noqa: E402
 from train.failpoints import delay, failpoint  # noqa: E402
+from train.files import DISK_ERRNOS  # noqa: E402
 from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
@@ -222,6 +223,8 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
                "wall_seconds": state.wall_seconds or time.time() - started,
                "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "forward_dtype": test.forward_dtype}
+    if cfg.skip_bad_images:
+        summary["skipped_images"] = data.skipped
     if cfg.tta:  # reported beside, never instead of, the plain numbers
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
@@ -297,6 +300,10 @@ def main(argv=None) -> int:
         return run(parse_config(argv))
     except UsageError as e:
         return report_usage_error(e)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return report_write_error(e)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
                   "so the test split is never used to choose.", ""]
     lines += ["## Data", "",
               f"- train: {data_note['train']} images", f"- validation: {data_note['val_source']}",
-              f"- test: {data_note['test']} images", "",
+              f"- test: {data_note['test']} images", *_skipped(data_note.get("skipped")), "",
               "## Hyperparameters", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cfg.items()]
     lines += ["", "## Per-class test accuracy", "", "| class | accuracy | images |", "|---|---|---|"]
@@ -103,3 +103,9 @@ def write_all(path: Path, cfg: dict, summary: dict, history: list, class_names: 
         plot_curves(path, history, summary["best_epoch"])
     plot_confusion(path, summary["confusion_matrix"], class_names)
     write_report(path, cfg, summary, history, data_note)
+
+
+def _skipped(skipped) -> list:
+    if not skipped or not any(skipped.values()):
+        return []
+    return ["- left out, undecodable (--skip-bad-images): " + ", ".join(f"{n} {split}" for split, n in skipped.items())]
