@@ -162,7 +162,6 @@ def test_tta_averages_the_softmax_of_each_image_and_its_mirror_image():
     assert result.preds.tolist() == [0, 0, 0, 1, 1, 1]
     # softmax([2, 0, 1.7]) + softmax([0, 2, 1.7]) puts class 2 first: only the mean over both views does.
     assert result.preds_tta.tolist() == [2] * 6
-    assert result.forward_dtype == "float32"
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     model(torch.zeros(1, 3, 32, 32))

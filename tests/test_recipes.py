@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, ROOT, assert_same_run, check, child_env, read_summary, resume_args, run_main
+from conftest import FAST, ROOT, assert_resumed, assert_same_run, check, child_env, read_summary, resume_args, run_main
 
 pytestmark = pytest.mark.slow
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
@@ -85,7 +85,8 @@ def test_recipe_features_resume_exactly(dataset_dir, ema_run, tmp_path):
     killed = run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"],
                       env={"CIFAR_ACCELERATE_FAILPOINT": "kill_after_step:13"})
     assert killed.returncode != 0
-    check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    resumed = check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    assert assert_resumed(resumed, 24)[0] == "e0001-b000004-step00000012"  # continued, with EMA and MixUp state
     assert_same_run(out, ema_run)
 
 

@@ -13,8 +13,7 @@ pytestmark = pytest.mark.slow
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1_macro", "lr", "epoch_seconds",
               "images_per_second", "train_images", "val_images"}
 SUMMARY_KEYS = {"best_epoch", "best_val_f1_macro", "test_loss", "test_acc", "test_f1_macro", "test_per_class_accuracy",
-                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision",
-                "forward_dtype"}
+                "confusion_matrix", "num_test_samples", "wall_seconds", "world_size", "mixed_precision"}
 
 
 def test_single_process_run_leaves_a_complete_run_folder(trained_run):
@@ -33,7 +32,7 @@ def test_single_process_run_leaves_a_complete_run_folder(trained_run):
     summary = read_summary(trained_run)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["num_test_samples"] == 101
-    assert summary["world_size"] == 1 and summary["mixed_precision"] == "no" and summary["forward_dtype"] == "float32"
+    assert summary["world_size"] == 1 and summary["mixed_precision"] == "no"
     best = max(records, key=lambda r: r["val_f1_macro"])
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_f1_macro"] == best["val_f1_macro"]
     assert summary["test_acc"] > 0.6, summary  # chance is 0.25
@@ -106,18 +105,22 @@ def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(datase
 @pytest.mark.ddp
 def test_shipped_accelerate_config_trains_with_bf16_and_ddp_on_cpu(dataset_dir, tmp_path):
     out = tmp_path / "bf16"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST], processes=2,
-                   launch_args=["--config_file", "accelerate_config.yaml"]))
+    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST], processes=2,
+                          launch_args=["--config_file", "accelerate_config.yaml"]))
+    assert "Grad strides do not match" not in proc.stderr  # DDP's note on 1x1 convolutions: silenced
     summary = read_summary(out)
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
-    assert summary["forward_dtype"] == "bfloat16"  # seen coming out of the model, not Accelerate's own setting
     assert summary["test_acc"] > 0.6
 
 
 def test_smoke_limits_stop_early(dataset_dir, tmp_path):
     out = tmp_path / "smoke"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--max-steps", "3",
-                    "--limit-batches", "2", "--eval-batch-size", "16"]))
+    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--max-steps", "3",
+                           "--limit-batches", "2", "--eval-batch-size", "16", "--log-every", "1"]))
+    # Not a terminal (as in a Slurm log): plain lines every --log-every steps, no progress-bar frames.
+    assert "\r" not in proc.stdout + proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch") and " step " in line] == \
+        ["epoch 1/3 step 1", "epoch 1/3 step 2", "epoch 2/3 step 3"]
     summary = read_summary(out)
     assert summary["steps"] == 3 and summary["epochs_trained"] == 2  # 2 batches an epoch: epoch 2 stops at step 3
     assert summary["num_test_samples"] == 2 * 16

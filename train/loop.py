@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass, shared by every split and every run mode."""
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -87,7 +88,10 @@ class EvalResult:
     preds: np.ndarray
     labels: np.ndarray
     preds_tta: np.ndarray = None  # with horizontal-flip test-time augmentation, when asked for
-    forward_dtype: str = ""  # what the model computed its logits in: "bfloat16" under bf16 autocast
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -112,8 +116,10 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
     if state.batch_in_epoch:
         batches = acc.skip_first_batches(parts.train_loader, state.batch_in_epoch)
         batches.set_epoch(state.epoch)
+    # A live bar on terminals only: in a Slurm log or CI its carriage-return frames are noise (the run
+    # prints a plain line every --log-every steps instead, see Hooks.on_log).
     bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not acc.is_main_process)
+               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (acc.is_main_process and interactive()))
     start, reason = time.perf_counter() - state.partial_seconds, "end"
     # Divergence is recorded on the device (the step of the first non-finite loss) and read only where the
     # loop synchronises anyway: log steps, before a checkpoint is written, and at the end of the epoch.
@@ -233,11 +239,9 @@ def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = 
     With `tta`, also predictions from the mean of the softmax over the image and its mirror image."""
     model.eval()
     columns = {"loss": [], "pred": [], "label": [], "pred_tta": []}
-    forward_dtype = ""
     for images, targets in loader:
         x = transform(images)
-        logits = model(x)
-        forward_dtype, logits = str(logits.dtype).removeprefix("torch."), logits.float()
+        logits = model(x).float()
         batch = {"loss": F.cross_entropy(logits, targets, reduction="none"), "pred": logits.argmax(1),
                  "label": targets}
         if tta:
@@ -249,4 +253,4 @@ def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = 
     return EvalResult(loss=float(loss.mean()) if loss is not None else float("nan"),
                       preds=joined["pred"] if joined["pred"] is not None else np.zeros(0, int),
                       labels=joined["label"] if joined["label"] is not None else np.zeros(0, int),
-                      preds_tta=joined["pred_tta"], forward_dtype=forward_dtype)
+                      preds_tta=joined["pred_tta"])

@@ -9,6 +9,7 @@ checkpoints, preemption, run folder and report each live in their own module.
 import dataclasses
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from train.ema import EMA  # noqa: E402
 from train.errors import PeerTimeout, UsageError, report_usage_error, report_write_error  # noqa: E402
 from train.failpoints import delay, failpoint  # noqa: E402
 from train.files import DISK_ERRNOS  # noqa: E402
-from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evaluate, fit  # noqa: E402
+from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evaluate, fit, interactive  # noqa: E402
 from train.metrics import classification_metrics  # noqa: E402
 from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
 from train.optim import build_optimizer, build_scheduler, set_peak_lr  # noqa: E402
@@ -126,6 +127,9 @@ class RunHooks(Hooks):
 
     def on_log(self, state, values):
         self.tracker.log(values, step=state.step)
+        if self.parts.accelerator.is_main_process and not interactive():
+            print(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}: loss {values['train/loss']:.4f}, "
+                  f"lr {values['train/lr']:.4g}, {values['train/images_per_second']:.0f} img/s", flush=True)
 
     def on_epoch_end(self, state, record, improved):
         self.tracker.log(tracking.epoch_values(record), step=state.step)
@@ -221,8 +225,7 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
                "confusion_matrix": metrics["confusion_matrix"], "num_test_samples": metrics["num_samples"],
                "epochs_trained": state.epoch, "steps": state.step,
                "wall_seconds": state.wall_seconds or time.time() - started,
-               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "forward_dtype": test.forward_dtype}
+               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
     if cfg.skip_bad_images:
         summary["skipped_images"] = data.skipped
     if cfg.tta:  # reported beside, never instead of, the plain numbers
@@ -295,6 +298,9 @@ def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str) -> None:
 
 
 def main(argv=None) -> int:
+    # DDP's note that 1x1 convolutions' gradient strides differ from its buckets' is about size-1 dimensions:
+    # nothing a user can act on, printed by every process of every run.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     preemption.listen()  # before anything slow: a preemption signal during data loading is kept, not fatal
     try:
         return run(parse_config(argv))

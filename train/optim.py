@@ -47,7 +47,7 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if cfg.scheduler == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    # onecycle: after the warmup, anneal to 1/1000 of the peak (OneCycleLR's default end), cosine-shaped.
+    # onecycle: after a linear warmup, cosine-anneal to 1/1000 of the peak (OneCycleLR's own shape differs).
     return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
