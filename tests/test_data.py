@@ -16,7 +16,7 @@ from train.errors import UsageError
 
 def cfg(dataset, **kw):
     base = dict(dataset=str(dataset), image_column="", label_column="", val_size=0.1, seed=0, decode_cache="off",
-                val_images=0, train_images=0, skip_bad_images=False)
+                val_images=0, train_images=0, skip_bad_images=False, decode_size=0, image_size=32)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -128,11 +128,11 @@ def test_decode_cache_is_used_and_rebuilt_when_the_data_changes(tmp_path, monkey
     root = write_parquet_dataset(tmp_path / "ds", n_train=20, n_test=8, seed=0)
     cache = tmp_path / "cache"
     first = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
-    files = sorted(cache.iterdir())
-    assert len(files) == 2  # train and test
+    assert len(list(cache.glob("*.safetensors"))) == 2  # train and test (and their image sizes, as JSON)
 
-    import train.data
-    monkeypatch.setattr(train.data, "_decode_images", lambda *a: pytest.fail("decoded although cached"))
+    import train.decode
+    monkeypatch.setattr(train.decode, "decode_all", lambda *a: pytest.fail("decoded although cached"))
+    monkeypatch.setattr(train.decode, "common_size", lambda *a: pytest.fail("sizes read although cached"))
     again = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
     assert (again.train.images == first.train.images).all()
     monkeypatch.undo()
@@ -141,7 +141,7 @@ def test_decode_cache_is_used_and_rebuilt_when_the_data_changes(tmp_path, monkey
     changed = load_image_data(cfg(root, val_size=0, decode_cache=str(cache)))
     images, _ = make_images(8, seed=6)
     assert np.array_equal(changed.test.images[0].permute(1, 2, 0).numpy(), images[0])
-    assert len(list(cache.iterdir())) == 4
+    assert len(list(cache.glob("*.safetensors"))) == 4
 
 
 def test_exact_validation_and_training_sizes(dataset_dir):

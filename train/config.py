@@ -31,6 +31,8 @@ class Config:
     val_images: int = _opt(0, "hold out exactly this many validation images instead of --val-size (0: off)")
     train_images: int = _opt(0, "train on this many of the remaining images (stratified; 0: all)")
     image_size: int = _opt(32, "side of the square network input, in pixels")
+    decode_size: int = _opt(0, "side of the decoded images when they are not all one square size: shorter side "
+                               "resized, centre-cropped (0: --image-size)")
     skip_bad_images: bool = _opt(False, "leave out rows whose image cannot be decoded (counted in summary.json) "
                                         "instead of stopping")
     num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
@@ -100,7 +102,7 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("val_images", "train_images", "num_workers", "max_steps", "checkpoint_every_steps",
+        non_negative = ("val_images", "train_images", "decode_size", "num_workers", "max_steps", "checkpoint_every_steps",
                         "limit_batches", "warmup_epochs",
                         "weight_decay", "clip_grad_norm", "lr_step_size", "momentum", "mixup_alpha", "cutmix_alpha")
         for name in non_negative:

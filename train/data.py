@@ -5,17 +5,16 @@ decoding through `with_transform` costs more than a small network's forward
 pass. Augmentation then runs per batch on the training device (train/augment.py).
 """
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from train import decode
 from train.errors import UsageError
 
 
@@ -43,6 +42,7 @@ class ImageData:
     class_names: list
     val_source: str  # where validation images come from, for the report
     skipped: dict = field(default_factory=dict)  # undecodable rows left out per split (--skip-bad-images)
+    decoded: str = ""  # the size policy, for config.yaml and the report
 
     def limit(self, batches: int, batch_size: int, eval_batch_size: int, world_size: int) -> None:
         """Keep the first `batches` batches of every split (--limit-batches, for smoke runs)."""
@@ -65,7 +65,7 @@ class ImageData:
 
     def sizes(self) -> dict:
         return {"train": len(self.train), "val_source": self.val_source, "test": len(self.test),
-                "skipped": self.skipped}
+                "skipped": self.skipped, "decoded": self.decoded}
 
 
 def load_image_data(cfg) -> ImageData:
@@ -74,12 +74,8 @@ def load_image_data(cfg) -> ImageData:
         if needed not in splits:
             raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
     image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
-    skip = cfg.skip_bad_images
-    train, skipped_train = decode_split(splits["train"], image_col, label_col, len(class_names), cfg.decode_cache,
-                                        f"dataset {cfg.dataset}, split 'train'", skip)
-    test, skipped_test = decode_split(splits["test"], image_col, label_col, len(class_names), cfg.decode_cache,
-                                      f"dataset {cfg.dataset}, split 'test'", skip)
-    skipped = {"train": skipped_train, "test": skipped_test}
+    (train, test), skipped, policy = decode_splits([splits["train"], splits["test"]], ["train", "test"], image_col,
+                                                   label_col, len(class_names), cfg)
     held_out = cfg.val_images or cfg.val_size
     labels, rest = train.labels.numpy(), np.arange(len(train))
     try:
@@ -92,11 +88,12 @@ def load_image_data(cfg) -> ImageData:
         raise UsageError(f"cannot split {len(train)} training images as asked (--val-size/--val-images/"
                          f"--train-images): {str(e).splitlines()[0]}") from None
     if not held_out:
-        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)", skipped)
+        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)", skipped,
+                         policy.describe())
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
     if cfg.train_images:
         source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"
-    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source, skipped)
+    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source, skipped, policy.describe())
 
 
 def _load_dataset_dict(name: str):
@@ -139,36 +136,76 @@ def find_columns(features, cfg):
     return image_col, label_col, list(label_feature.names)
 
 
-def decode_split(ds, image_col, label_col, num_classes, cache_dir: str = "off", where: str = "",
-                 skip_bad: bool = False) -> tuple:
-    """(Split, number of rows skipped): labels checked and images decoded, read from the decode cache when
-    this exact data was seen. An undecodable image is a UsageError naming `where` (dataset and split), the
-    row and the column; with `skip_bad` its row is dropped instead."""
-    import datasets
+def decode_splits(datasets_: list, names: list, image_col, label_col, num_classes, cfg) -> tuple:
+    """([Split per dataset], {name: rows skipped}, Policy): labels checked, images decoded under one size
+    policy, each split read from the decode cache when this exact data was decoded so before."""
+    labels = [_labels(ds, label_col, num_classes) for ds in datasets_]
+    where = [f"dataset {cfg.dataset}, split '{name}', column '{image_col}'" for name in names]
+    raw = [None] * len(datasets_)
 
+    def column(i):  # the encoded images, read only when needed
+        if raw[i] is None:
+            import datasets
+
+            ds = datasets_[i].cast_column(image_col, datasets.Image(decode=False))
+            raw[i] = ds.data.column(image_col).to_pylist()
+        return raw[i]
+
+    commons = [_cached_json(_cache_file(ds, image_col, cfg.decode_cache, "sizes", ".json"),
+                            lambda i=i: {"common": decode.common_size(column(i))})["common"]
+               for i, ds in enumerate(datasets_)]
+    policy = decode.choose_policy(commons, cfg.decode_size, cfg.image_size)
+    tag = f"{policy.size}{'r' if policy.resize else ''}"
+    splits, skipped = [], {}
+    for i, ds in enumerate(datasets_):
+        cache = _cache_file(ds, image_col, cfg.decode_cache, tag, ".safetensors")
+        cached = _read_cache(cache, len(labels[i]), cfg.skip_bad_images) if cache else None
+        if cached is None:
+            decode.check_memory(len(ds), policy, where[i])
+            cached = decode.decode_all(column(i), policy, where[i], cfg.skip_bad_images)
+            if cache:
+                _write_cache(cache, *cached)
+        images, rows = cached
+        splits.append(Split(images, labels[i] if rows is None else labels[i][rows]))
+        skipped[names[i]] = 0 if rows is None else len(labels[i]) - len(rows)
+    return splits, skipped, policy
+
+
+def _labels(ds, label_col, num_classes) -> torch.Tensor:
     labels = torch.tensor(ds.data.column(label_col).to_numpy(zero_copy_only=False), dtype=torch.long)
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         raise UsageError(f"label column '{label_col}' holds {labels[bad][0].item()}, outside the "
                          f"{num_classes} classes 0..{num_classes - 1}")
-    cache = _cache_file(ds, image_col, cache_dir)
-    cached = _read_cache(cache, len(labels), skip_bad) if cache else None
-    if cached is None:
-        raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
-        cached = _decode_images(raw, f"{where}, column '{image_col}'", skip_bad)
-        if cache:
-            _write_cache(cache, *cached)
-    images, rows = cached
-    if rows is None:
-        return Split(images, labels), 0
-    return Split(images, labels[rows]), len(labels) - len(rows)
+    return labels
 
 
-def _cache_file(ds, image_col: str, cache_dir: str):
+def _cache_file(ds, image_col: str, cache_dir: str, tag: str, suffix: str):
     # The fingerprint changes whenever the data files do, so a stale cache is never read.
     if cache_dir in ("", "off") or not getattr(ds, "_fingerprint", None):
         return None
-    return Path(os.path.expanduser(cache_dir)) / f"{ds._fingerprint}-{image_col}-{len(ds)}.safetensors"
+    return Path(os.path.expanduser(cache_dir)) / f"{ds._fingerprint}-{image_col}-{len(ds)}-{tag}{suffix}"
+
+
+def _cached_json(path, compute) -> dict:
+    """compute(), remembered in `path` (None: not remembered)."""
+    import json
+
+    from train.files import atomic_write
+
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    value = compute()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
+        except OSError as e:
+            print(f"warning: could not write the decode cache {path}: {e}", flush=True)
+    return value
 
 
 def _read_cache(path: Path, n: int, skip_bad: bool):
@@ -197,38 +234,6 @@ def _write_cache(path: Path, images: torch.Tensor, rows) -> None:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     except OSError as e:  # a read-only or full disk costs the next run a decode, nothing more
         print(f"warning: could not write the decode cache {path}: {e}", flush=True)
-
-
-def _decode_images(raw: list, where: str, skip_bad: bool) -> tuple:
-    """(uint8 (N, 3, H, W), indices of the rows kept or None when all were)."""
-    decoded = []
-    for i, item in enumerate(raw):
-        try:
-            decoded.append(_open(item))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
-            if not skip_bad:
-                path = f" ({item['path']})" if item.get("path") else ""
-                raise UsageError(f"{where}, row {i}{path}: cannot decode the image ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); fix or remove it, "
-                                 "or pass --skip-bad-images to leave such rows out") from None
-            decoded.append(None)
-            print(f"warning: {where}, row {i}: undecodable image skipped (--skip-bad-images)", flush=True)
-    kept = [i for i, img in enumerate(decoded) if img is not None]
-    size = decoded[kept[0]].size if kept else (0, 0)
-    out = np.empty((len(kept), size[1], size[0], 3), dtype=np.uint8)
-    for slot, i in enumerate(kept):
-        img = decoded[i]
-        if img.size != size:  # mixed sizes: store every image at the first one's size
-            img = img.resize(size, Image.BILINEAR)
-        out[slot] = np.asarray(img)
-    rows = torch.tensor(kept, dtype=torch.long) if len(kept) < len(raw) else None
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), rows
-
-
-def _open(item) -> Image.Image:
-    source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-    with Image.open(source) as img:
-        return img.convert("RGB")  # decodes fully: a truncated file fails here, in its row, not later
 
 
 class _Indices(Dataset):

@@ -250,7 +250,7 @@ def run(cfg: Config) -> int:
     if cfg.eval_only:
         model, spec = load_for_eval(cfg, data.class_names)
         model, state = accelerator.prepare(model), TrainState()
-    env = run_dir.environment(accelerator.num_processes, accelerator.mixed_precision)
+    env = {**run_dir.environment(accelerator.num_processes, accelerator.mixed_precision), "decoded": data.decoded}
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
@@ -281,6 +281,10 @@ def prepare_data(cfg: Config, accelerator: Accelerator):
     data = load_image_data(cfg)
     if first:
         wait_for_peers(cfg, accelerator, "preparing the data")
+    side = data.train.images.shape[-1]
+    if accelerator.is_main_process and max(side / cfg.image_size, cfg.image_size / side) >= 4:
+        print(f"warning: images are decoded at {side}x{side} and trained at {cfg.image_size}x{cfg.image_size}: "
+              "check --image-size (and --decode-size)", file=sys.stderr, flush=True)
     if cfg.limit_batches:
         data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
     data.place(accelerator.device)

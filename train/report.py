@@ -72,7 +72,8 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
                   "so the test split is never used to choose.", ""]
     lines += ["## Data", "",
               f"- train: {data_note['train']} images", f"- validation: {data_note['val_source']}",
-              f"- test: {data_note['test']} images", *_skipped(data_note.get("skipped")), "",
+              f"- test: {data_note['test']} images", *_skipped(data_note.get("skipped")),
+              f"- decoded: {data_note.get('decoded', '')}", "",
               "## Hyperparameters", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cfg.items()]
     lines += ["", "## Per-class test accuracy", "", "| class | accuracy | images |", "|---|---|---|"]
