@@ -100,6 +100,20 @@ def test_truncated_checkpoint_is_an_error_or_skipped_by_auto(dataset_dir, refere
     assert_same_run(out, reference)
 
 
+def test_auto_never_starts_over_when_no_checkpoint_loads(dataset_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in checkpoints(out):  # every checkpoint damaged: starting fresh would discard the run
+        weights = out / "checkpoints" / name / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    metrics = (out / "metrics.jsonl").read_text()
+    proc = run_main(args(dataset_dir, out))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "starting fresh" not in proc.stdout, proc.stderr[-2000:]
+    assert "none of the 2 checkpoints" in errors[0] and all(name in errors[0] for name in checkpoints(out))
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_checkpoint_without_manifest_is_incomplete(dataset_dir, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")

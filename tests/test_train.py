@@ -47,6 +47,16 @@ def test_single_process_run_leaves_a_complete_run_folder(trained_run):
 
     report = (trained_run / "report.md").read_text()
     assert "best epoch" in report and "| yellow |" in report and "![loss](loss.png)" in report
+    assert summary["val_is_test"] is False and "the test split is never used to choose" in report
+
+
+def test_report_says_when_validation_was_the_test_split(dataset_dir, tmp_path):
+    out = tmp_path / "val0"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-size", "0",
+                    "--epochs", "1", "--limit-batches", "2"]))
+    report = (out / "report.md").read_text()
+    assert read_summary(out)["val_is_test"] is True and "never used to choose" not in report
+    assert "validation was the test split (--val-size 0): the test split chose that epoch" in report
 
 
 def test_config_yaml_of_a_run_reproduces_its_options(trained_run, tmp_path):

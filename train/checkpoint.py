@@ -8,6 +8,7 @@ optimizer/scheduler/RNG files are read with torch.load(weights_only=True), the r
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -195,12 +196,14 @@ class Checkpointer:
         main = self.accelerator.is_main_process
         self.remove_partial()
         auto = resume == "auto"
-        for folder in self.complete() if auto else [Path(resume)]:
+        candidates, failed = self.complete() if auto else [Path(resume)], []
+        for folder in candidates:
             try:
                 saved, weights = self.load(folder)
             except CheckpointError as e:
                 if not auto:
                     raise
+                failed.append(str(e))
                 if main:
                     print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
                 continue
@@ -208,6 +211,9 @@ class Checkpointer:
                 print(f"resuming from {folder} (epoch {saved['epoch'] + 1}, batch {saved['batch_in_epoch']}, "
                       f"step {saved['step']})", flush=True)
             return saved, weights
+        if failed:  # starting over would silently throw away the run's progress and rewrite its metrics
+            raise CheckpointError(f"--resume auto: none of the {len(failed)} checkpoints in {self.root} loads "
+                                  f"({'; '.join(failed)}); remove them to start over, or fix the one you want")
         if main:
             print(f"no complete checkpoint in {self.root}: starting fresh", flush=True)
         return None, {}
@@ -217,7 +223,7 @@ class Checkpointer:
         saved = self.verify(folder)
         try:
             self.accelerator.load_state(str(folder))
-        except Exception as e:  # e.g. a shape mismatch the manifest could not see
+        except (RuntimeError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:  # e.g. a shape mismatch
             raise CheckpointError(f"checkpoint {folder} could not be loaded: {str(e).splitlines()[0]}") from None
         extra = {p.stem: clean_keys(load_file(str(p))) for p in folder.glob("*.safetensors") if p.name != MODEL_FILE}
         return saved, extra

@@ -43,6 +43,7 @@ class ImageData:
     val_source: str  # where validation images come from, for the report
     skipped: dict = field(default_factory=dict)  # undecodable rows left out per split (--skip-bad-images)
     decoded: str = ""  # the size policy, for config.yaml and the report
+    val_is_test: bool = False  # --val-size 0: the test split also chose the best epoch
 
     def limit(self, batches: int, batch_size: int, eval_batch_size: int, world_size: int) -> None:
         """Keep the first `batches` batches of every split (--limit-batches, for smoke runs)."""
@@ -89,7 +90,7 @@ def load_image_data(cfg) -> ImageData:
                          f"--train-images): {str(e).splitlines()[0]}") from None
     if not held_out:
         return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)", skipped,
-                         policy.describe())
+                         policy.describe(), val_is_test=True)
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
     if cfg.train_images:
         source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"

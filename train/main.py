@@ -225,7 +225,8 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
                "confusion_matrix": metrics["confusion_matrix"], "num_test_samples": metrics["num_samples"],
                "epochs_trained": state.epoch, "steps": state.step,
                "wall_seconds": state.wall_seconds or time.time() - started,
-               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "val_is_test": data.val_is_test}
     if cfg.skip_bad_images:
         summary["skipped_images"] = data.skipped
     if cfg.tta:  # reported beside, never instead of, the plain numbers

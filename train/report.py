@@ -67,7 +67,10 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
               f"| test images | {summary['num_test_samples']} |",
               f"| run time | {_duration(summary['wall_seconds'])} |",
               f"| processes, precision | {summary['world_size']}, {summary['mixed_precision']} |", ""]
-    if history:
+    if history and summary.get("val_is_test"):
+        lines += ["Test metrics use the weights of the best epoch, and validation was the test split "
+                  "(--val-size 0): the test split chose that epoch, so these test numbers are optimistic.", ""]
+    elif history:
         lines += ["Test metrics use the weights of the best epoch; validation picks that epoch, "
                   "so the test split is never used to choose.", ""]
     lines += ["## Data", "",
