@@ -48,7 +48,7 @@ class BatchTransform:
         from torchvision.transforms import v2
 
         self.image_size, self.train, self.padding = image_size, train, padding
-        self.mean, self.std = mean, std
+        self.mean, self.std, self._on_device = mean, std, {}
         self.policy = {"autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
                        "randaugment": v2.RandAugment()}.get(policy)
         self.erasing = v2.RandomErasing(p=erasing) if erasing else None
@@ -65,13 +65,19 @@ class BatchTransform:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._statistics(x.device)
         x = x.sub_(mean).div_(std)
         if self.train and self.erasing:
             x = torch.stack([self.erasing(image) for image in x])
         # cuDNN's convolutions are fastest on NHWC; on CPU the default layout does as well.
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+    def _statistics(self, device) -> tuple:
+        # Made once per device: torch.tensor(..., device=cuda) is a blocking host-to-device copy.
+        if device not in self._on_device:
+            self._on_device[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                            for v in (self.mean, self.std))
+        return self._on_device[device]
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
         """(inputs, targets): targets are the labels, or soft targets (B, classes) after MixUp/CutMix."""

@@ -102,8 +102,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("val_images", "train_images", "decode_size", "num_workers", "max_steps", "checkpoint_every_steps",
-                        "limit_batches", "warmup_epochs",
+        non_negative = ("val_images", "train_images", "decode_size", "num_workers", "max_steps",
+                        "checkpoint_every_steps", "limit_batches", "warmup_epochs",
                         "weight_decay", "clip_grad_norm", "lr_step_size", "momentum", "mixup_alpha", "cutmix_alpha")
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -256,6 +256,8 @@ class _GatherBatch:
 
     def __call__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.split.images.is_cuda:  # a CPU index into GPU tensors would be a blocking copy: two syncs a batch
+            idx = idx.pin_memory().to(self.split.images.device, non_blocking=True)
         return self.split.images[idx], self.split.labels[idx]
 
 

@@ -58,7 +58,9 @@ class Hooks:
         """Context for validation (e.g. with EMA weights swapped in)."""
         return contextlib.nullcontext()
 
-    def should_stop(self) -> bool:
+    def should_stop(self, agree: bool = True) -> bool:
+        """Whether to stop now. `agree`: this step may run a collective to agree with the other processes;
+        every process passes the same value at the same step."""
         return False
 
 
@@ -147,8 +149,9 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
-            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                                   torch.tensor(len(labels), device=totals.device)])
+            totals[0] += loss.detach() * len(labels)  # Python numbers go to the kernel: no host-to-device copy
+            totals[1] += (logits.argmax(1) == labels).sum()
+            totals[2] += len(labels)
             first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step_on_device + 1,
                                         first_bad))
             bar.update()
@@ -166,7 +169,8 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
                 hooks.on_log(state, values)
             hooks.on_step(state, snapshot)
-            if hooks.should_stop():
+            # Under DDP agreeing to stop is a collective: only every --log-every steps, not a drain per step.
+            if hooks.should_stop(agree=state.step % cfg.log_every == 0):
                 reason = "signal"
                 snapshot()
                 break

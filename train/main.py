@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make `train` importable and st
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate import DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 
 from train import preemption, report, run_dir, tracking  # noqa: E402
@@ -38,8 +39,10 @@ from train.preemption import EXIT_PREEMPTED, MARKER, StopFlag  # noqa: E402
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
     # The process-group timeout also bounds how long ranks wait while a node prepares the data.
+    # non_blocking: host-resident batches are pinned, so their copy to the GPU need not wait.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, step_scheduler_with_optimizer=False,
                               log_with="wandb" if track else None,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError("--mixed_precision fp16 needs a GPU (on CPU Accelerate would silently train in fp32); "
@@ -144,8 +147,8 @@ class RunHooks(Hooks):
                 save_model(self.best, self.out / run_dir.MODEL, self.spec)
         self.save(state)
 
-    def should_stop(self):
-        return self.stop.should_stop()
+    def should_stop(self, agree=True):
+        return self.stop.should_stop(agree)
 
     def evaluation(self):
         return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
