@@ -62,7 +62,10 @@ def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_starts(dataset_
         load_image_data(cfg(dataset_dir, val_size=0, decode_size=30000))
 
 
-def test_parallel_decoding_equals_serial(tmp_path):
+def test_parallel_decoding_equals_serial(monkeypatch):
+    import train.decode
+
+    monkeypatch.setattr(train.decode, "CHUNK", 32)  # 10 chunks for 4 worker processes
     rng = np.random.default_rng(0)
     raw = []
     for i in range(300):
@@ -72,6 +75,11 @@ def test_parallel_decoding_equals_serial(tmp_path):
     serial, _ = decode_all(raw, Policy(24, resize=True), "test", skip_bad=False, workers=1)
     parallel, _ = decode_all(raw, Policy(24, resize=True), "test", skip_bad=False, workers=4)
     assert torch.equal(serial, parallel)
+    raw[77] = {"bytes": raw[77]["bytes"][:50], "path": "x/77.png"}  # an undecodable row in a worker's chunk
+    with pytest.raises(UsageError, match=r"^test, row 77 \(x/77.png\): cannot decode the image"):
+        decode_all(raw, Policy(24, resize=True), "test", skip_bad=False, workers=4)
+    kept, rows = decode_all(raw, Policy(24, resize=True), "test", skip_bad=True, workers=4)
+    assert torch.equal(kept, serial[[i for i in range(300) if i != 77]]) and 77 not in rows.tolist()
 
 
 @pytest.mark.slow

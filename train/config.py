@@ -33,6 +33,8 @@ class Config:
     image_size: int = _opt(32, "side of the square network input, in pixels")
     decode_size: int = _opt(0, "side of the decoded images when they are not all one square size: shorter side "
                                "resized, centre-cropped (0: --image-size)")
+    gpu_resident: bool = _opt(True, "keep the decoded splits in GPU memory when they fit in half of it "
+                                    "(--no-gpu-resident: pinned host memory, copied per batch)")
     skip_bad_images: bool = _opt(False, "leave out rows whose image cannot be decoded (counted in summary.json) "
                                         "instead of stopping")
     num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")

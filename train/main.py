@@ -291,7 +291,8 @@ def prepare_data(cfg: Config, accelerator: Accelerator):
               "check --image-size (and --decode-size)", file=sys.stderr, flush=True)
     if cfg.limit_batches:
         data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
-    data.place(accelerator.device)
+    if cfg.gpu_resident:
+        data.place(accelerator.device)
     return data
 
 
