@@ -40,3 +40,17 @@ def test_bad_config_files(tmp_path, text, message):
 def test_bad_options(args, message):
     with pytest.raises(UsageError, match=message):
         parse_config(args)
+
+
+def test_help_lists_every_option_once_in_its_section():
+    from dataclasses import fields
+
+    from train.config import GROUPS, Config, build_parser
+
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(Config))  # each exactly once
+    text = build_parser().format_help()
+    for title in GROUPS:
+        assert f"\n{title}:\n" in text
+    augmentation = text.split("\naugmentation:\n")[1].split("\noptimisation:\n")[0]
+    assert "--mixup-alpha" in augmentation and "--ema-decay" not in augmentation

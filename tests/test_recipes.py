@@ -1,5 +1,6 @@
 """Presets in configs/, test-time augmentation, and the run comparison tool."""
 
+import shutil
 import subprocess
 import sys
 
@@ -56,6 +57,13 @@ def test_compare_renders_a_table_and_curves(trained_run, resume_reference, tmp_p
     bad = subprocess.run([sys.executable, "-m", "train.compare", str(tmp_path)], cwd=ROOT, env=child_env(),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+
+    runs = tmp_path / "runs"  # without --out: beside the runs, never in the folder it was started from
+    for name in ("a", "b"):
+        shutil.copytree(trained_run, runs / name)
+    proc = subprocess.run([sys.executable, "-m", "train.compare", str(runs / "a"), str(runs / "b")], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and (runs / "comparison.md").is_file() and not (ROOT / "comparison.md").exists()
 
 
 RECIPE = ["--ema-decay", "0.9", "--auto-augment", "autoaugment", "--random-erasing", "0.25", "--mixup-alpha", "0.2",

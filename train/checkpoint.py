@@ -17,12 +17,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from train import run_dir
 from train.errors import UsageError
 from train.failpoints import delay, failpoint
 from train.files import atomic_write, dumps, sha256, writing
 from train.models import ModelSpec, clean_keys
 
-MODEL_FILE = "model.safetensors"  # the best model in a run folder; the current weights in a checkpoint
+# Accelerate's save_state name for the model's current weights in a checkpoint folder.
+MODEL_FILE = "model.safetensors"
 
 
 def cpu_copy(tensors: dict) -> dict:
@@ -48,7 +50,7 @@ def load_model(path: Path) -> tuple:
         saved = json.loads((path / TRAINER_STATE).read_text())
         state_dict, _ = _read_model_file(path / MODEL_FILE)
         return clean_keys(state_dict), ModelSpec.from_dict(saved), ModelSpec.missing_from_dict(saved)
-    state_dict, metadata = _read_model_file(path / MODEL_FILE if path.is_dir() else path)
+    state_dict, metadata = _read_model_file(path / run_dir.MODEL if path.is_dir() else path)
     try:
         spec = ModelSpec.from_metadata(metadata)
     except (KeyError, ValueError, TypeError) as e:
@@ -74,7 +76,6 @@ def _read_model_file(path: Path) -> tuple:
 # (counters, best metric, metrics history, partial epoch totals), the best weights
 # so far, and manifest.json (size and sha256 of every file), written last.
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
@@ -106,7 +107,7 @@ def checkpoint_name(state) -> str:
 
 class Checkpointer:
     def __init__(self, accelerator, run_folder: Path, keep: int, spec: ModelSpec):
-        self.accelerator, self.root, self.keep = accelerator, Path(run_folder) / CHECKPOINTS, keep
+        self.accelerator, self.root, self.keep = accelerator, Path(run_folder) / run_dir.CHECKPOINTS, keep
         self.identity = spec.to_dict()  # a checkpoint continues only the model it was made for
         self.saves = 0
 

@@ -2,17 +2,19 @@
 
     python -m train.compare runs/seed-v2 runs/seed-v3 [--out comparison]
 
-Writes comparison.md and comparison.png into --out (default: the current folder) and prints the
+Writes comparison.md and comparison.png into --out (default: the folder holding the runs) and prints the
 table — the original lab report's V2-versus-V3 comparison, generated.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from train import run_dir  # noqa: E402
 from train.errors import UsageError, report_usage_error  # noqa: E402
 from train.sweep_summary import history, markdown, run_row  # noqa: E402
 
@@ -45,7 +47,7 @@ def plot(runs: list, path: Path) -> None:
 
 def compare(runs: list, out: Path) -> str:
     for run in runs:
-        if not (run / "metrics.jsonl").is_file():
+        if not (run / run_dir.METRICS).is_file():
             raise UsageError(f"{run} is not a run folder (no metrics.jsonl)")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown([run_row(run) for run in runs])
@@ -57,8 +59,11 @@ def compare(runs: list, out: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    parser.add_argument("--out", type=Path, default=Path("."), help="folder for comparison.md and .png")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for comparison.md and .png (default: the folder the runs are in)")
     args = parser.parse_args(argv)
+    # Next to the runs, not the current folder: run from the project, that would be the source tree.
+    args.out = args.out or Path(os.path.commonpath([run.resolve().parent for run in args.runs]))
     try:
         table = compare(args.runs, args.out)
     except UsageError as e:

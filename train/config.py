@@ -129,6 +129,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# --help in sections; every option is in exactly one (tests/test_config.py checks it).
+GROUPS = {
+    "data": ["dataset", "image_column", "label_column", "val_size", "val_images", "train_images", "image_size",
+             "decode_size", "skip_bad_images", "gpu_resident", "num_workers", "decode_cache"],
+    "model": ["arch", "pretrained", "cifar_stem", "compile", "sync_bn"],
+    "augmentation": ["auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha"],
+    "optimisation": ["epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                     "scheduler", "warmup_epochs", "lr_step_size", "lr_gamma", "label_smoothing", "grad_accum_steps",
+                     "clip_grad_norm", "ema_decay", "seed"],
+    "evaluation": ["tta", "eval_only", "checkpoint"],
+    "run control": ["output_dir", "max_steps", "limit_batches", "log_every", "dist_timeout"],
+    "checkpoints": ["resume", "checkpoint_every_steps", "keep_checkpoints"],
+    "tracking (Weights & Biases)": ["wandb", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "run_name",
+                                    "tags"],
+}
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -143,13 +160,16 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(description="Train a torchvision classifier on a Hugging Face image dataset with Accelerate.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML file of options; the command line overrides it")
-    for f in fields(Config):
-        flag, help = f"--{_flag(f.name)}", f.metadata["help"]
-        default = argparse.SUPPRESS if only_given else f.default
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=default, help=help, choices=f.metadata.get("choices"))
+    by_name = {f.name: f for f in fields(Config)}
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for f in (by_name[name] for name in names):
+            flag, help = f"--{_flag(f.name)}", f.metadata["help"]
+            default = argparse.SUPPRESS if only_given else f.default
+            if f.type is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+            else:
+                group.add_argument(flag, type=f.type, default=default, help=help, choices=f.metadata.get("choices"))
     return parser
 
 

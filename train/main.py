@@ -23,7 +23,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 
 from train import preemption, report, run_dir, tracking  # noqa: E402
 from train.augment import BatchTransform  # noqa: E402
-from train.checkpoint import CHECKPOINTS, Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
+from train.checkpoint import Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
@@ -34,7 +34,7 @@ from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evalua
 from train.metrics import classification_metrics  # noqa: E402
 from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
 from train.optim import build_optimizer, build_scheduler, set_peak_lr  # noqa: E402
-from train.preemption import EXIT_PREEMPTED, MARKER, StopFlag  # noqa: E402
+from train.preemption import EXIT_PREEMPTED, StopFlag  # noqa: E402
 
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
@@ -56,7 +56,7 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     resume_from = Path(cfg.resume) if cfg.resume not in ("", "auto") else None
     if resume_from is not None and not resume_from.is_dir():
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint folder")
-    home = resume_from.parent.parent if resume_from and resume_from.parent.name == CHECKPOINTS else None
+    home = resume_from.parent.parent if resume_from and resume_from.parent.name == run_dir.CHECKPOINTS else None
     # Every rank must agree on one folder, and the default name holds a timestamp.
     name = [cfg.output_dir or (str(home) if home else "") or
             run_dir.default_output_dir(cfg.arch + ("-eval" if cfg.eval_only else ""))]
@@ -69,7 +69,7 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     accelerator.wait_for_everyone()  # nobody creates files before every rank has checked
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
-        (path / MARKER).unlink(missing_ok=True)
+        (path / run_dir.MARKER).unlink(missing_ok=True)
     return path
 
 
@@ -178,7 +178,7 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     if reason == "signal":
         hooks.save(state, preempted=True)
         if accelerator.is_main_process:
-            (out / MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
+            (out / run_dir.MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
             print(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}", flush=True)
         # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
         # (status 75) ends the other nodes' tasks at once.

@@ -20,7 +20,6 @@ import torch
 # EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
 # non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
 EXIT_PREEMPTED = 75
-MARKER = "PREEMPTED"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PID_DIR_ENV = "CIFAR_ACCELERATE_PID_DIR"
 

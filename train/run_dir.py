@@ -7,11 +7,13 @@ from pathlib import Path
 
 import yaml
 
-from train.checkpoint import MODEL_FILE as MODEL
 from train.errors import UsageError
 from train.files import atomic_write, dumps
 
-CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+# The run folder's file names, used by every module that reads or writes one (slurm/common.sh repeats
+# PREEMPTED; tests/test_slurm_scripts.py checks it).
+CONFIG, METRICS, SUMMARY, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
+CHECKPOINTS, MARKER = "checkpoints", "PREEMPTED"
 
 
 def default_output_dir(arch: str) -> str:

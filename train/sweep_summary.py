@@ -17,6 +17,7 @@ import yaml
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from train import run_dir  # noqa: E402
 from train.errors import UsageError, report_usage_error  # noqa: E402
 
 COLUMNS = ["run", "arch", "lr", "batch_size", "state", "epochs", "best_epoch", "best_val_f1_macro", "test_acc",
@@ -32,21 +33,21 @@ def _read_json(path: Path):
 
 def history(run: Path) -> list:
     try:
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in (run / run_dir.METRICS).read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
 
 
 def run_row(run: Path) -> dict:
     config = {}
-    if (run / "config.yaml").is_file():
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    summary, records = _read_json(run / "summary.json"), history(run)
+    if (run / run_dir.CONFIG).is_file():
+        config = yaml.safe_load((run / run_dir.CONFIG).read_text()) or {}
+    summary, records = _read_json(run / run_dir.SUMMARY), history(run)
     if summary:
         state = "finished"
-    elif (run / "PREEMPTED").exists():
+    elif (run / run_dir.MARKER).exists():
         state = "preempted (requeued?)"
-    elif records or (run / "checkpoints").is_dir():
+    elif records or (run / run_dir.CHECKPOINTS).is_dir():
         state = "running or failed"
     else:
         state = "not started"

@@ -1,0 +1,28 @@
+"""The Slurm scripts' shell functions that need no cluster (tests/test_slurm.py runs the scripts on one)."""
+
+import subprocess
+
+from conftest import ROOT
+from train import run_dir
+
+COMMON = ROOT / "slurm" / "common.sh"
+
+
+def shell(script: str, **env) -> str:
+    return subprocess.run(["bash", "-c", f"source {COMMON}; {script}"], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", **env}).stdout
+
+
+def test_rendezvous_ports_stay_below_the_ephemeral_range():
+    ports = [int(p) for p in shell("for j in 0 1 14999 15000 32767 99999 123456789; do main_port $j; done").split()]
+    assert all(1024 <= p < 32768 for p in ports), ports  # Linux's ephemeral ports: 32768-60999
+
+
+def test_the_scripts_use_the_run_folder_s_marker_name():
+    assert f'"$run_dir/{run_dir.MARKER}"' in COMMON.read_text()
+
+
+def test_threads_per_process_share_the_cpus_per_task():
+    assert shell("threads_per_process", SLURM_CPUS_PER_TASK="16", NPROC_PER_NODE="4").strip() == "4"
+    assert shell("threads_per_process", SLURM_CPUS_PER_TASK="2", NPROC_PER_NODE="4").strip() == "1"
+    assert shell("echo $SRUN_CPUS_PER_TASK", SLURM_CPUS_PER_TASK="8").strip() == "8"  # srun steps keep them
