@@ -117,4 +117,4 @@ def test_files_of_older_runs_still_load(tmp_path):
     state_dict, spec, unrecorded = load_model(path)
     assert "conv1.weight" in state_dict and not [k for k in state_dict if "_orig_mod" in k]
     assert spec == ModelSpec("resnet18", tuple("abcd"))  # 32 px, ImageNet stem: what older runs trained
-    assert unrecorded == {"cifar_stem", "image_size", "mean", "std"}
+    assert unrecorded == {"cifar_stem", "image_size", "mean", "std", "decode_size"}

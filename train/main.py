@@ -154,10 +154,9 @@ class RunHooks(Hooks):
         return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
 
 
-def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float, tracker) -> tuple:
+def train(cfg: Config, accelerator: Accelerator, data, spec: ModelSpec, out: Path, started: float, tracker) -> tuple:
     """Train (or continue training); return (model with the best weights, state, fit's reason)."""
     parts = build_parts(cfg, accelerator, data)
-    spec = ModelSpec.from_config(cfg, data.class_names)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
     state, weights = restore(cfg, checkpointer)
     if state.step and set_peak_lr(parts.scheduler, cfg.lr) and accelerator.is_main_process:
@@ -190,27 +189,34 @@ def train(cfg: Config, accelerator: Accelerator, data, out: Path, started: float
     return parts.model, state, reason
 
 
-def load_for_eval(cfg: Config, class_names: list) -> tuple:
-    """(model, ModelSpec) of --checkpoint, rebuilt from its own record; an option that contradicts it is an error."""
+def eval_spec(cfg: Config) -> tuple:
+    """(weights, ModelSpec) of --checkpoint, from its own record; an option that contradicts it is an error.
+    Sets cfg's model and input options from the record, before the data: the input size decides the decode."""
     state_dict, spec, unrecorded = load_model(cfg.checkpoint)
-    if list(spec.class_names) != class_names:
-        raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
-                         f"the dataset has {class_names}")
     # Files of older runs lack the stem and input size: the command line may supply them.
-    supplied = unrecorded & cfg.given & {"cifar_stem", "image_size"}
+    supplied = unrecorded & cfg.given & {"cifar_stem", "image_size", "decode_size"}
     spec = dataclasses.replace(spec, **{name: getattr(cfg, name) for name in supplied})
-    for name in ("arch", "cifar_stem", "image_size"):
+    for name in ("arch", "cifar_stem", "image_size", "decode_size"):
+        if name == "decode_size" and not spec.decode_size:
+            continue  # not recorded: the data decides, as for training
         if name in cfg.given and getattr(cfg, name) != getattr(spec, name):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {cfg.checkpoint}, which "
                              f"was trained with {name} {getattr(spec, name)}: leave the option out")
         setattr(cfg, name, getattr(spec, name))  # config.yaml and the report then say what was evaluated
+    return state_dict, spec
+
+
+def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list) -> torch.nn.Module:
+    if list(spec.class_names) != class_names:
+        raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
+                         f"the dataset has {class_names}")
     model = spec.build()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise UsageError(f"the weights in {cfg.checkpoint} do not fit {spec.arch} (cifar_stem {spec.cifar_stem}): "
                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-    return model, spec
+    return model
 
 
 def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, started, tracker) -> None:
@@ -250,18 +256,19 @@ def run(cfg: Config) -> int:
     out = resolve_output_dir(cfg, accelerator)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
+    if cfg.eval_only:
+        weights, spec = eval_spec(cfg)
     data = prepare_data(cfg, accelerator)
     if cfg.eval_only:
-        model, spec = load_for_eval(cfg, data.class_names)
-        model, state = accelerator.prepare(model), TrainState()
+        model, state = accelerator.prepare(eval_model(cfg, spec, weights, data.class_names)), TrainState()
     env = {**run_dir.environment(accelerator.num_processes, accelerator.mixed_precision), "decoded": data.decoded}
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
     try:
         if not cfg.eval_only:
-            spec = ModelSpec.from_config(cfg, data.class_names)
-            model, state, reason = train(cfg, accelerator, data, out, started, tracker)
+            spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
+            model, state, reason = train(cfg, accelerator, data, spec, out, started, tracker)
             if reason == "signal":
                 return EXIT_PREEMPTED
         test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)

@@ -24,23 +24,26 @@ class ModelSpec:
     image_size: int = 32
     mean: tuple = MEAN
     std: tuple = STD
+    decode_size: int = 0  # side the images were decoded at before the resize to image_size (0: image_size)
 
     @classmethod
-    def from_config(cls, cfg, class_names) -> "ModelSpec":
-        return cls(cfg.arch, tuple(class_names), cfg.cifar_stem, cfg.image_size)
+    def from_config(cls, cfg, class_names, decode_size: int = 0) -> "ModelSpec":
+        return cls(cfg.arch, tuple(class_names), cfg.cifar_stem, cfg.image_size, decode_size=decode_size)
 
     def build(self, pretrained: bool = False) -> nn.Module:
         return build_model(self.arch, len(self.class_names), pretrained, self.cifar_stem)
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "class_names": list(self.class_names), "cifar_stem": self.cifar_stem,
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "decode_size": self.decode_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         """Files of older runs lack all but arch and class names: they were 32 px, ImageNet stem."""
         return cls(d["arch"], tuple(d["class_names"]), bool(d.get("cifar_stem", False)),
-                   int(d.get("image_size", 32)), tuple(d.get("mean", MEAN)), tuple(d.get("std", STD)))
+                   int(d.get("image_size", 32)), tuple(d.get("mean", MEAN)), tuple(d.get("std", STD)),
+                   int(d.get("decode_size", 0)))
 
     def to_metadata(self) -> dict:
         """safetensors metadata holds strings only: JSON for everything but the arch."""
