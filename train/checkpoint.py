@@ -58,6 +58,18 @@ def load_model(path: Path) -> tuple:
     return clean_keys(state_dict), spec, ModelSpec.missing_from_dict(metadata)
 
 
+def build_trained(state_dict: dict, spec: ModelSpec, source) -> torch.nn.Module:
+    """The network `spec` describes with its trained weights, in eval mode; or a one-line UsageError."""
+    model = spec.build()
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise UsageError(f"the weights in {source} do not fit {spec.arch} (cifar_stem {spec.cifar_stem}): "
+                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+    return model.eval()
+
+
 def _read_model_file(path: Path) -> tuple:
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")

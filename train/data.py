@@ -70,7 +70,7 @@ class ImageData:
 
 
 def load_image_data(cfg) -> ImageData:
-    splits = _load_dataset_dict(cfg.dataset)
+    splits = load_dataset_dict(cfg.dataset)
     for needed in ("train", "test"):
         if needed not in splits:
             raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
@@ -97,7 +97,7 @@ def load_image_data(cfg) -> ImageData:
     return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source, skipped, policy.describe())
 
 
-def _load_dataset_dict(name: str):
+def load_dataset_dict(name: str):
     import datasets  # slow import; keep it off the --help path
 
     datasets.disable_progress_bars()  # our own bar reports progress; theirs would bury error lines

@@ -7,6 +7,7 @@ is resized (shorter side, antialiased) and centre-cropped to a square of --decod
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,8 @@ def check_memory(images: int, policy: Policy, where: str) -> None:
                          "--decode-size, fewer images (--train-images) or a machine with more memory")
 
 
-def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: int = 0) -> tuple:
+def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: int = 0,
+               skipped_because: str = "--skip-bad-images") -> tuple:
     """(uint8 (N, 3, S, S), indices of the rows kept or None when all were), decoded by `workers` processes
     (0: one per CPU this process may use). Each chunk of rows lands in its own place, so the result is the
     same whatever the number of workers. Processes rather than threads: for small images PIL's Python
@@ -94,7 +96,8 @@ def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: i
         if not skip_bad:
             raise UsageError(f"{where}, row {i}{path}: cannot decode the image ({error}); fix or remove it, "
                              "or pass --skip-bad-images to leave such rows out")
-        print(f"warning: {where}, row {i}{path}: undecodable image skipped (--skip-bad-images)", flush=True)
+        print(f"warning: {where}, row {i}{path}: undecodable image skipped ({skipped_because}): {error}",
+              file=sys.stderr, flush=True)
     rows = None
     if failures:
         rows = torch.tensor(sorted(set(range(len(raw))) - {i for i, _ in failures}), dtype=torch.long)

@@ -23,7 +23,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 
 from train import preemption, report, run_dir, tracking  # noqa: E402
 from train.augment import BatchTransform  # noqa: E402
-from train.checkpoint import Checkpointer, cpu_state_dict, load_model, save_model  # noqa: E402
+from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
 from train.data import load_image_data, make_loader  # noqa: E402
 from train.ema import EMA  # noqa: E402
@@ -210,13 +210,7 @@ def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list
     if list(spec.class_names) != class_names:
         raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
                          f"the dataset has {class_names}")
-    model = spec.build()
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise UsageError(f"the weights in {cfg.checkpoint} do not fit {spec.arch} (cifar_stem {spec.cifar_stem}): "
-                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-    return model
+    return build_trained(state_dict, spec, cfg.checkpoint)
 
 
 def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, started, tracker) -> None:

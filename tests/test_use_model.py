@@ -1,0 +1,90 @@
+"""Use a trained model: `python -m train.predict` reproduces the run's test metrics, `python -m train.export`
+writes an ONNX file that agrees with PyTorch, for each tested arch with the CIFAR stem on and off."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, child_env, read_summary
+from synthetic import CLASS_NAMES, make_images
+from train.checkpoint import save_model
+from train.models import ModelSpec
+
+pytestmark = pytest.mark.slow
+
+
+def module(name, *args, env=None):
+    return subprocess.run([sys.executable, "-m", name, *map(str, args)], cwd=ROOT, env=child_env(**(env or {})),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, tmp_path):
+    proc = module("train.predict", trained_run, "--dataset", dataset_dir, "--split", "test", "--top-k", "2",
+                  "--metrics", tmp_path / "metrics.json")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(io.StringIO(proc.stdout)))
+    assert rows[0] == ["input", "class1", "prob1", "class2", "prob2"] and len(rows) == 102
+    assert all(row[1] in CLASS_NAMES and 0 <= float(row[4]) <= float(row[2]) <= 1 for row in rows[1:])
+    metrics, summary = json.loads((tmp_path / "metrics.json").read_text()), read_summary(trained_run)
+    assert metrics["acc"] == summary["test_acc"] and metrics["f1_macro"] == summary["test_f1_macro"]
+    assert metrics["confusion_matrix"] == summary["confusion_matrix"]
+    assert f"accuracy {summary['test_acc']:.4f}, macro-F1 {summary['test_f1_macro']:.4f}" in proc.stderr
+
+
+def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run, tmp_path):
+    images, labels = make_images(6, seed=11)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        Image.fromarray(pixels).save(tmp_path / "in" / ("sub" if i % 2 else "") / f"{i}.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
+    proc = module("train.predict", trained_run, tmp_path / "in", "--out", tmp_path / "out.csv", "--top-k", "9")
+    assert proc.returncode == 1  # documented: some input could not be read
+    assert [line for line in proc.stderr.splitlines() if "broken.png" in line and "undecodable" in line]
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert len(rows) == 6 and set(rows[0]) == {"input", *(f"{k}{i}" for i in range(1, 5) for k in ("class", "prob"))}
+    predicted = {row["input"].rsplit("/", 1)[-1]: row["class1"] for row in rows}
+    right = sum(predicted[f"{i}.png"] == CLASS_NAMES[label] for i, label in enumerate(labels))
+    assert right >= 5  # the trained run tells the colours apart
+
+
+def test_predict_bad_inputs_are_one_line(trained_run, tmp_path):
+    for args in ([tmp_path / "missing-run", tmp_path], [trained_run, tmp_path / "nothing.png"], [trained_run]):
+        proc = module("train.predict", *args)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("stem", [False, True])
+def test_export_agrees_with_pytorch(arch, stem, dataset_dir, tmp_path):
+    import onnx
+    import onnxruntime
+
+    spec = ModelSpec(arch, tuple(CLASS_NAMES), cifar_stem=stem, image_size=32, decode_size=32)
+    torch.manual_seed(0)
+    save_model(spec.build().eval().state_dict(), tmp_path / "model.safetensors", spec)
+    out = tmp_path / "model.onnx"
+    proc = module("train.export", tmp_path / "model.safetensors", "--onnx", out, "--dataset", dataset_dir,
+                  "--check", 64)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checked on 64 images: max |logit difference|" in proc.stdout and "top-1 identical on 64/64" in proc.stdout
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["class_names"]) == CLASS_NAMES and meta["arch"] == arch
+    assert json.loads(meta["cifar_stem"]) is stem and json.loads(meta["image_size"]) == 32 and "mean" in meta
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": torch.zeros(3, 3, 32, 32).numpy()})[0].shape == (3, 4)  # any batch size
+
+
+def test_export_without_the_extra_names_it(trained_run, tmp_path):
+    hide = "import sys; sys.modules['onnxruntime'] = None; from train.export import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", hide, str(trained_run), "--onnx", str(tmp_path / "m.onnx")],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        'error: the export extra is not installed: pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
+    assert not (tmp_path / "m.onnx").exists()

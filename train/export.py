@@ -1,0 +1,136 @@
+"""Export a trained model to ONNX, then check the file with onnxruntime against PyTorch on real images.
+
+    python -m train.export runs/x --onnx model.onnx [--dataset ID --split test | --images a.png dir/]
+
+The graph takes normalised RGB float images (N, 3, S, S), any N (dynamic batch axis), and returns logits;
+its metadata holds what a runtime needs to prepare them: class_names, mean, std, image_size (and arch,
+cifar_stem, decode_size). Opset 18: what torch's exporter targets, run by onnxruntime 1.14 and newer.
+The check runs up to --check images through both and fails (exit 1, one line) unless the largest
+absolute logit difference is within --tolerance and the top-1 class is the same for every image.
+Needs the optional extra: pip install -e ".[export]".
+"""
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import decode, run_dir
+from train.augment import BatchTransform
+from train.checkpoint import build_trained, load_model
+from train.errors import UsageError, report_usage_error
+from train.files import atomic_write
+
+OPSET = 18
+EXTRA = 'the export extra is not installed: pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
+
+
+def check_extra() -> None:
+    try:
+        for name in ("onnx", "onnxruntime", "onnxscript"):
+            importlib.import_module(name)
+    except ImportError:
+        raise UsageError(EXTRA) from None
+
+
+def export(model: torch.nn.Module, spec, path: Path) -> None:
+    import onnx
+
+    example = torch.zeros(2, 3, spec.image_size, spec.image_size)
+
+    def write(tmp):
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
+            program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                                        dynamo=True, verbose=False)
+        graph = program.model_proto
+        for key, value in spec.to_dict().items():
+            graph.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+        graph.metadata_props.add(key="input", value="RGB float (N, 3, image_size, image_size): pixel / 255, "
+                                                    "minus mean, divided by std, per channel")
+        onnx.save(graph, str(tmp))
+
+    atomic_write(path, write)
+
+
+def check_images(args, spec) -> torch.Tensor:
+    """Real images to compare on, decoded as the run decoded them: uint8 (N, 3, S, S)."""
+    side = spec.decode_size or spec.image_size
+    if args.images:
+        from train.predict import image_files
+
+        raw = [{"path": str(p), "bytes": None} for p in image_files(args.images)]
+        policy = decode.Policy(side, resize=True)
+    else:
+        from train.predict import dataset_images
+
+        dataset = args.dataset or _run_dataset(args.model)
+        raw, _, _ = dataset_images(dataset, args.split, spec)
+        policy = decode.choose_policy([decode.common_size(raw)], side, spec.image_size)
+    images, _ = decode.decode_all(raw[:args.check], policy, "export check", skip_bad=True, skipped_because="left out")
+    if not len(images):
+        raise UsageError("no readable image to check the exported model on")
+    return images
+
+
+def _run_dataset(model_path: str) -> str:
+    config = Path(model_path) / run_dir.CONFIG
+    if not config.is_file():
+        raise UsageError("give --dataset or --images: real images to check the exported model on")
+    import yaml
+
+    return yaml.safe_load(config.read_text())["dataset"]
+
+
+@torch.no_grad()
+def compare(model, spec, path: Path, images: torch.Tensor) -> tuple:
+    """(largest absolute logit difference, images with the same top-1, images) between PyTorch and onnxruntime."""
+    import onnxruntime
+
+    x = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)(images)
+    expected = model(x).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x.numpy()})[0]
+    return float(np.abs(got - expected).max()), int((got.argmax(1) == expected.argmax(1)).sum()), len(x)
+
+
+def run(args) -> int:
+    check_extra()
+    state_dict, spec, _ = load_model(args.model)
+    model = build_trained(state_dict, spec, args.model)
+    images = check_images(args, spec)
+    out = Path(args.onnx)
+    export(model, spec, out)
+    diff, same, n = compare(model, spec, out, images)
+    print(f"wrote {out} (opset {OPSET}); checked on {n} images: max |logit difference| {diff:.2e} "
+          f"(tolerance {args.tolerance:.0e}), top-1 identical on {same}/{n}", flush=True)
+    if diff > args.tolerance or same != n:
+        print(f"error: {out} does not match PyTorch (max |logit difference| {diff:.2e}, top-1 identical on "
+              f"{same}/{n}); do not ship it", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run folder, model.safetensors or checkpoint folder")
+    parser.add_argument("--onnx", required=True, help="the ONNX file to write")
+    parser.add_argument("--dataset", default="", help="check on this dataset's images (default: the run's dataset)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--images", nargs="*", default=[], help="or on these image files and folders")
+    parser.add_argument("--check", type=int, default=256, help="images to check on (default: 256)")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference allowed")
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as e:
+        return report_usage_error(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
