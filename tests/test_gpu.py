@@ -68,7 +68,8 @@ def test_a_killed_gpu_run_resumes(dataset_dir, tmp_path):
 def gpu_parts(dataset_dir, monkeypatch):
     from train.config import Config
     from train.data import load_image_data
-    from train.main import build_parts, make_accelerator
+    from train.main import make_accelerator
+    from train.runner import build_parts
 
     def build(precision, **options):
         AcceleratorState._reset_state(reset_partial_state=True)

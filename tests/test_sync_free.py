@@ -14,7 +14,8 @@ from accelerate.state import AcceleratorState
 from train.config import Config
 from train.data import load_image_data
 from train.loop import Hooks, TrainState, train_one_epoch
-from train.main import build_parts, make_accelerator
+from train.main import make_accelerator
+from train.runner import build_parts
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 

@@ -2,11 +2,11 @@
 
     accelerate launch train/main.py --arch mobilenet_v2
 
-This file only wires the parts together: config, data, model, loop, metrics,
-checkpoints, preemption, run folder and report each live in their own module.
+This file only sets up the process (accelerator, run folder, W&B) and wires the parts; what one run does
+is in train/runner.py, and config, data, decode, model, loop, metrics, checkpoints, preemption, run
+folder and report each live in their own module.
 """
 
-import dataclasses
 import sys
 import time
 import warnings
@@ -17,24 +17,16 @@ if __package__ in (None, ""):  # run as a script: make `train` importable and st
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate import DataLoaderConfiguration  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 
-from train import preemption, report, run_dir, tracking  # noqa: E402
-from train.augment import BatchTransform  # noqa: E402
-from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model  # noqa: E402
+from train import preemption, run_dir, runner, tracking  # noqa: E402
 from train.config import Config, parse_config  # noqa: E402
-from train.data import load_image_data, make_loader  # noqa: E402
-from train.ema import EMA  # noqa: E402
-from train.errors import PeerTimeout, UsageError, report_usage_error, report_write_error  # noqa: E402
-from train.failpoints import delay, failpoint  # noqa: E402
+from train.errors import UsageError, report_usage_error, report_write_error  # noqa: E402
 from train.files import DISK_ERRNOS  # noqa: E402
-from train.loop import EXIT_DIVERGED, Diverged, Hooks, Parts, TrainState, evaluate, fit, interactive  # noqa: E402
-from train.metrics import classification_metrics  # noqa: E402
-from train.models import ModelSpec, check_arch, plain_model  # noqa: E402
-from train.optim import build_optimizer, build_scheduler, set_peak_lr  # noqa: E402
-from train.preemption import EXIT_PREEMPTED, StopFlag  # noqa: E402
+from train.loop import EXIT_DIVERGED, Diverged, TrainState  # noqa: E402
+from train.models import ModelSpec, check_arch  # noqa: E402
+from train.preemption import EXIT_PREEMPTED  # noqa: E402
 
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
@@ -73,175 +65,6 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return path
 
 
-def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
-    model = ModelSpec.from_config(cfg, data.class_names).build(cfg.pretrained).to(accelerator.device)
-    if accelerator.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn:
-        if accelerator.device.type != "cuda":
-            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        model = torch.compile(model)
-    train_loader, val_loader = accelerator.prepare(
-        make_loader(data.train, cfg.batch_size, shuffle_seed=cfg.seed, num_workers=cfg.num_workers),
-        make_loader(data.val, cfg.eval_batch_size, num_workers=cfg.num_workers))
-    steps_per_epoch = -(-len(train_loader) // cfg.grad_accum_steps)
-    optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, len(data.class_names))
-
-
-def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
-    """Return (TrainState, {name: weights}) from the checkpoint --resume names, or a fresh start."""
-    saved, weights = checkpointer.restore(cfg.resume) if cfg.resume else (None, {})
-    if saved is None:
-        return TrainState(), {}
-    return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__}), weights
-
-
-class RunHooks(Hooks):
-    """Keeps the best weights, writes metrics and checkpoints, and listens for preemption."""
-
-    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, weights, spec, clock, tracker):
-        self.cfg, self.parts, self.out, self.checkpointer = cfg, parts, out, checkpointer
-        self.spec, self.clock, self.tracker, self.stop = spec, clock, tracker, StopFlag(parts.accelerator)
-        self.model = plain_model(parts.accelerator, parts.model)  # clean state dict keys, whatever the wrapping
-        self.best, self.ema = weights.get("best"), EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
-        self.steps_taken = 0  # by this process: a resumed run takes only the steps its checkpoint lacked
-        if self.ema and "ema" in weights:
-            self.ema.load(weights["ema"])
-
-    def save(self, state, preempted: bool = False):
-        state.wall_seconds = self.clock()
-        self.checkpointer.save(state, {"best": self.best, "ema": self.ema.cpu_state() if self.ema else None},
-                               preempted)
-
-    def on_step(self, state, snapshot):
-        self.steps_taken += 1
-        if self.ema:
-            self.ema.update(self.model)
-        failpoint("kill_after_step", state.step)
-        every = self.cfg.checkpoint_every_steps
-        if every and state.step % every == 0:
-            snapshot()
-            self.save(state)
-
-    def on_log(self, state, values):
-        self.tracker.log(values, step=state.step)
-        if self.parts.accelerator.is_main_process and not interactive():
-            print(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}: loss {values['train/loss']:.4f}, "
-                  f"lr {values['train/lr']:.4g}, {values['train/images_per_second']:.0f} img/s", flush=True)
-
-    def on_epoch_end(self, state, record, improved):
-        self.tracker.log(tracking.epoch_values(record), step=state.step)
-        acc = self.parts.accelerator
-        if improved and self.ema:
-            self.ema.sync_buffers(acc)
-        if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
-            self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
-        if acc.is_main_process:
-            run_dir.append_metrics(self.out, record)
-            if improved:
-                save_model(self.best, self.out / run_dir.MODEL, self.spec)
-        self.save(state)
-
-    def should_stop(self, agree=True):
-        return self.stop.should_stop(agree)
-
-    def evaluation(self):
-        return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
-
-
-def train(cfg: Config, accelerator: Accelerator, data, spec: ModelSpec, out: Path, started: float, tracker) -> tuple:
-    """Train (or continue training); return (model with the best weights, state, fit's reason)."""
-    parts = build_parts(cfg, accelerator, data)
-    checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
-    state, weights = restore(cfg, checkpointer)
-    if state.step and set_peak_lr(parts.scheduler, cfg.lr) and accelerator.is_main_process:
-        print(f"continuing with --lr {cfg.lr} (the checkpoint was trained with another)", flush=True)
-    if accelerator.is_main_process:
-        run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
-    for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
-        tracker.log(tracking.epoch_values(record), step=record["step"])
-    earlier = state.wall_seconds
-    hooks = RunHooks(cfg, parts, out, checkpointer, weights, spec,
-                     clock=lambda: earlier + time.time() - started, tracker=tracker)
-    first_step = state.step
-    reason = fit(parts, cfg, state, data.class_names, hooks)
-    state.wall_seconds = hooks.clock()
-    if accelerator.is_main_process:
-        print(f"{hooks.steps_taken} optimizer steps in this attempt (from step {first_step} to {state.step})",
-              flush=True)
-    if reason == "signal":
-        hooks.save(state, preempted=True)
-        if accelerator.is_main_process:
-            (out / run_dir.MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
-            print(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}", flush=True)
-        # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
-        # (status 75) ends the other nodes' tasks at once.
-        accelerator.wait_for_everyone()
-        return parts.model, state, reason
-    if accelerator.is_main_process:  # also when a resumed run's best epoch came before the resume
-        save_model(hooks.best, out / run_dir.MODEL, spec)
-    hooks.model.load_state_dict(hooks.best)
-    return parts.model, state, reason
-
-
-def eval_spec(cfg: Config) -> tuple:
-    """(weights, ModelSpec) of --checkpoint, from its own record; an option that contradicts it is an error.
-    Sets cfg's model and input options from the record, before the data: the input size decides the decode."""
-    state_dict, spec, unrecorded = load_model(cfg.checkpoint)
-    # Files of older runs lack the stem and input size: the command line may supply them.
-    supplied = unrecorded & cfg.given & {"cifar_stem", "image_size", "decode_size"}
-    spec = dataclasses.replace(spec, **{name: getattr(cfg, name) for name in supplied})
-    for name in ("arch", "cifar_stem", "image_size", "decode_size"):
-        if name == "decode_size" and not spec.decode_size:
-            continue  # not recorded: the data decides, as for training
-        if name in cfg.given and getattr(cfg, name) != getattr(spec, name):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} contradicts {cfg.checkpoint}, which "
-                             f"was trained with {name} {getattr(spec, name)}: leave the option out")
-        setattr(cfg, name, getattr(spec, name))  # config.yaml and the report then say what was evaluated
-    return state_dict, spec
-
-
-def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list) -> torch.nn.Module:
-    if list(spec.class_names) != class_names:
-        raise UsageError(f"{cfg.checkpoint} was trained on classes {list(spec.class_names)}, "
-                         f"the dataset has {class_names}")
-    return build_trained(state_dict, spec, cfg.checkpoint)
-
-
-def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, started, tracker) -> None:
-    test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
-    transform = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)
-    test = evaluate(accelerator, model, test_loader, transform, tta=cfg.tta)
-    metrics = classification_metrics(test.preds, test.labels, data.class_names)
-    if not accelerator.is_main_process:
-        return
-    trained = bool(state.history)
-    summary = {"best_epoch": state.best_epoch if trained else None,
-               "best_val_f1_macro": state.best_val_f1_macro if trained else None,
-               "test_loss": test.loss, "test_acc": metrics["acc"], "test_f1_macro": metrics["f1_macro"],
-               "test_per_class_accuracy": metrics["per_class_accuracy"],
-               "confusion_matrix": metrics["confusion_matrix"], "num_test_samples": metrics["num_samples"],
-               "epochs_trained": state.epoch, "steps": state.step,
-               "wall_seconds": state.wall_seconds or time.time() - started,
-               "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-               "val_is_test": data.val_is_test}
-    if cfg.skip_bad_images:
-        summary["skipped_images"] = data.skipped
-    if cfg.tta:  # reported beside, never instead of, the plain numbers
-        flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
-        summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
-    run_dir.write_summary(out, summary)
-    report.write_all(out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
-    tracker.log_final(summary, data.class_names)
-    print(f"test accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f}"
-          f"{f' (best epoch {state.best_epoch})' if state.best_epoch else ''}; run folder {out}", flush=True)
-
-
 def run(cfg: Config) -> int:
     started = time.time()
     check_arch(cfg.arch)  # before minutes of data loading
@@ -251,10 +74,10 @@ def run(cfg: Config) -> int:
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
     if cfg.eval_only:
-        weights, spec = eval_spec(cfg)
-    data = prepare_data(cfg, accelerator)
+        weights, spec = runner.eval_spec(cfg)
+    data = runner.prepare_data(cfg, accelerator)
     if cfg.eval_only:
-        model, state = accelerator.prepare(eval_model(cfg, spec, weights, data.class_names)), TrainState()
+        model, state = accelerator.prepare(runner.eval_model(cfg, spec, weights, data.class_names)), TrainState()
     env = {**run_dir.environment(accelerator.num_processes, accelerator.mixed_precision), "decoded": data.decoded}
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
@@ -262,10 +85,10 @@ def run(cfg: Config) -> int:
     try:
         if not cfg.eval_only:
             spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
-            model, state, reason = train(cfg, accelerator, data, spec, out, started, tracker)
+            model, state, reason = runner.train(cfg, accelerator, data, spec, out, started, tracker)
             if reason == "signal":
                 return EXIT_PREEMPTED
-        test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)
+        runner.test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)
     except Diverged as e:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -273,38 +96,6 @@ def run(cfg: Config) -> int:
     finally:
         tracker.finish()
     return 0
-
-
-def prepare_data(cfg: Config, accelerator: Accelerator):
-    """Load and decode the dataset: first the local main process of each node (the hub download, the Arrow
-    and decode caches are per node), then the node's other processes, from those caches."""
-    first = accelerator.is_local_main_process
-    if not first:
-        wait_for_peers(cfg, accelerator, "preparing the data")
-    else:
-        delay("data_prep")
-    data = load_image_data(cfg)
-    if first:
-        wait_for_peers(cfg, accelerator, "preparing the data")
-    side = data.train.images.shape[-1]
-    if accelerator.is_main_process and max(side / cfg.image_size, cfg.image_size / side) >= 4:
-        print(f"warning: images are decoded at {side}x{side} and trained at {cfg.image_size}x{cfg.image_size}: "
-              "check --image-size (and --decode-size)", file=sys.stderr, flush=True)
-    if cfg.limit_batches:
-        data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
-    if cfg.gpu_resident:
-        data.place(accelerator.device)
-    return data
-
-
-def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str) -> None:
-    try:
-        accelerator.wait_for_everyone()
-    except RuntimeError as e:  # gloo and NCCL report a timeout or a vanished peer this way
-        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            raise PeerTimeout(f"process {accelerator.process_index} waited more than --dist-timeout "
-                              f"{cfg.dist_timeout} s for the others {doing}; raise --dist-timeout") from None
-        raise UsageError(f"another process failed or left while {doing}: see its message") from None
 
 
 def main(argv=None) -> int:
