@@ -119,7 +119,7 @@ def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple
         batches = acc.skip_first_batches(parts.train_loader, state.batch_in_epoch)
         batches.set_epoch(state.epoch)
     # A live bar on terminals only: in a Slurm log or CI its carriage-return frames are noise (the run
-    # prints a plain line every --log-every steps instead: RunHooks.on_log in main.py).
+    # prints a plain line every --log-every steps instead: RunHooks.on_log in runner.py).
     bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (acc.is_main_process and interactive()))
     start, reason = time.perf_counter() - state.partial_seconds, "end"
