@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from train.augment import MEAN, STD, BatchTransform  # noqa: E402
 from train.config import Config  # noqa: E402
-from train.data import Split, find_columns, make_loader  # noqa: E402
+from train.data import Split, encoded_images, find_columns, make_loader  # noqa: E402
 from train.decode import choose_policy, common_size, decode_all  # noqa: E402
 from train.models import build_model  # noqa: E402
 
@@ -64,7 +64,7 @@ def load_train_split(args):
     ds = datasets.load_dataset(args.dataset)["train"]
     image_col, label_col, classes = find_columns(ds.features, SimpleNamespace(dataset=args.dataset, image_column="",
                                                                               label_column=""))
-    raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
+    raw = encoded_images(ds, image_col)
     policy = choose_policy([common_size(raw)], 0, 32)
     seconds, decoded = {}, {}
     for workers in (1, 0):  # serial, then one process per CPU (0): the result must be the same

@@ -213,11 +213,11 @@ def parse_config(argv=None) -> Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_yaml_options(known.config))
+    from_file = load_yaml_options(known.config) if known.config else {}
+    parser.set_defaults(**from_file)
     args = vars(parser.parse_args(argv))
     args.pop("config")
     cfg = Config(**args).validate()
     given = set(vars(build_parser(only_given=True).parse_args(argv))) - {"config"}
-    cfg.given = frozenset(given | (set(load_yaml_options(known.config)) if known.config else set()))
+    cfg.given = frozenset(given | set(from_file))
     return cfg

@@ -146,10 +146,7 @@ def decode_splits(datasets_: list, names: list, image_col, label_col, num_classe
 
     def column(i):  # the encoded images, read only when needed
         if raw[i] is None:
-            import datasets
-
-            ds = datasets_[i].cast_column(image_col, datasets.Image(decode=False))
-            raw[i] = ds.data.column(image_col).to_pylist()
+            raw[i] = encoded_images(datasets_[i], image_col)
         return raw[i]
 
     commons = [_cached_json(_cache_file(ds, image_col, cfg.decode_cache, "sizes", ".json"),
@@ -172,6 +169,13 @@ def decode_splits(datasets_: list, names: list, image_col, label_col, num_classe
     return splits, skipped, policy
 
 
+def encoded_images(ds, image_col: str) -> list:
+    """The image column as stored ({"bytes", "path"} per row), not decoded."""
+    import datasets
+
+    return ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
+
+
 def _labels(ds, label_col, num_classes) -> torch.Tensor:
     labels = torch.tensor(ds.data.column(label_col).to_numpy(zero_copy_only=False), dtype=torch.long)
     bad = (labels < 0) | (labels >= num_classes)
@@ -192,8 +196,6 @@ def _cached_json(path, compute) -> dict:
     """compute(), remembered in `path` (None: not remembered)."""
     import json
 
-    from train.files import atomic_write
-
     if path is not None and path.is_file():
         try:
             return json.loads(path.read_text())
@@ -201,11 +203,7 @@ def _cached_json(path, compute) -> dict:
             pass
     value = compute()
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value)))
-        except OSError as e:
-            print(f"warning: could not write the decode cache {path}: {e}", flush=True)
+        _write_to_cache(path, lambda tmp: tmp.write_text(json.dumps(value)))
     return value
 
 
@@ -227,12 +225,16 @@ def _read_cache(path: Path, n: int, skip_bad: bool):
 def _write_cache(path: Path, images: torch.Tensor, rows) -> None:
     from safetensors.torch import save_file
 
+    tensors = {"images": images, **({"rows": rows} if rows is not None else {})}
+    _write_to_cache(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _write_to_cache(path: Path, write) -> None:
     from train.files import atomic_write
 
-    tensors = {"images": images, **({"rows": rows} if rows is not None else {})}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, write)
     except OSError as e:  # a read-only or full disk costs the next run a decode, nothing more
         print(f"warning: could not write the decode cache {path}: {e}", flush=True)
 

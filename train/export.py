@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import decode, run_dir
+from train import run_dir
 from train.augment import BatchTransform
 from train.checkpoint import build_trained, load_model
 from train.errors import UsageError, report_usage_error
@@ -61,19 +61,10 @@ def export(model: torch.nn.Module, spec, path: Path) -> None:
 
 def check_images(args, spec) -> torch.Tensor:
     """Real images to compare on, decoded as the run decoded them: uint8 (N, 3, S, S)."""
-    side = spec.decode_size or spec.image_size
-    if args.images:
-        from train.predict import image_files
+    from train.predict import decode_inputs
 
-        raw = [{"path": str(p), "bytes": None} for p in image_files(args.images)]
-        policy = decode.Policy(side, resize=True)
-    else:
-        from train.predict import dataset_images
-
-        dataset = args.dataset or _run_dataset(args.model)
-        raw, _, _ = dataset_images(dataset, args.split, spec)
-        policy = decode.choose_policy([decode.common_size(raw)], side, spec.image_size)
-    images, _ = decode.decode_all(raw[:args.check], policy, "export check", skip_bad=True, skipped_because="left out")
+    dataset = "" if args.images else (args.dataset or _run_dataset(args.model))
+    images, _, _, _ = decode_inputs(spec, args.images, dataset, args.split, "export check", limit=args.check)
     if not len(images):
         raise UsageError("no readable image to check the exported model on")
     return images

@@ -46,9 +46,7 @@ def image_files(inputs: list) -> list:
 
 def dataset_images(name: str, split: str, spec):
     """(encoded images, labels or None, names of the rows) of a Hugging Face dataset split."""
-    import datasets
-
-    from train.data import find_columns, load_dataset_dict
+    from train.data import encoded_images, find_columns, load_dataset_dict
 
     splits = load_dataset_dict(name)
     if split not in splits:
@@ -58,9 +56,30 @@ def dataset_images(name: str, split: str, spec):
                                                                                label_column=""))
     if classes != list(spec.class_names):
         raise UsageError(f"dataset {name} has classes {classes}, the model {list(spec.class_names)}")
-    raw = ds.cast_column(image_col, datasets.Image(decode=False)).data.column(image_col).to_pylist()
+    raw = encoded_images(ds, image_col)
     labels = np.asarray(ds.data.column(label_col).to_numpy(zero_copy_only=False))
     return raw, labels, [str(i) for i in range(len(raw))]
+
+
+def decode_inputs(spec, files: list, dataset: str, split: str, where: str, limit: int = 0) -> tuple:
+    """(uint8 images, labels or None, names, whether some were unreadable) of image files and folders or of a
+    dataset split (the first `limit`, when given), decoded as the run decoded its own: at spec.decode_size (as
+    stored when all share that size), to be resized to spec.image_size on the device. An unreadable image is
+    left out, with one line on stderr."""
+    side = spec.decode_size or spec.image_size
+    if dataset:
+        raw, labels, names = dataset_images(dataset, split, spec)
+        policy = decode.choose_policy([decode.common_size(raw)], side, spec.image_size)
+    else:
+        paths = image_files(files)
+        raw, labels, names = [{"path": str(p), "bytes": None} for p in paths], None, [str(p) for p in paths]
+        policy = decode.Policy(side, resize=True)
+    if limit:
+        raw, names, labels = raw[:limit], names[:limit], labels[:limit] if labels is not None else None
+    images, rows = decode.decode_all(raw, policy, where, skip_bad=True, skipped_because="left out")
+    if rows is not None:
+        names, labels = [names[i] for i in rows.tolist()], labels[rows.numpy()] if labels is not None else None
+    return images, labels, names, rows is not None
 
 
 @torch.no_grad()
@@ -87,19 +106,7 @@ def write_csv(stream, names: list, probs: torch.Tensor, class_names: list, top_k
 def run(args) -> int:
     state_dict, spec, _ = load_model(args.model)
     model = build_trained(state_dict, spec, args.model)
-    # The run decoded its images at spec.decode_size (as stored when all shared that size), then resized
-    # them to spec.image_size on the device: the same two steps here.
-    side = spec.decode_size or spec.image_size
-    if args.dataset:
-        raw, labels, names = dataset_images(args.dataset, args.split, spec)
-        policy = decode.choose_policy([decode.common_size(raw)], side, spec.image_size)
-    else:
-        files = image_files(args.inputs)
-        raw, labels, names = [{"path": str(p), "bytes": None} for p in files], None, [str(p) for p in files]
-        policy = decode.Policy(side, resize=True)
-    images, rows = decode.decode_all(raw, policy, "predict", skip_bad=True, skipped_because="left out")
-    if rows is not None:
-        names, labels = [names[i] for i in rows.tolist()], labels[rows.numpy()] if labels is not None else None
+    images, labels, names, some_unreadable = decode_inputs(spec, args.inputs, args.dataset, args.split, "predict")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probs = probabilities(model, images, spec, args.batch_size, device)
     if args.out:
@@ -109,7 +116,7 @@ def run(args) -> int:
         write_csv(sys.stdout, names, probs, list(spec.class_names), args.top_k)
     if labels is not None:
         report_metrics(probs.argmax(1).numpy(), labels, list(spec.class_names), args.metrics)
-    return 0 if rows is None else 1
+    return 1 if some_unreadable else 0
 
 
 def report_metrics(preds, labels, class_names, path) -> None:
