@@ -10,14 +10,17 @@ within one run, so a busy machine slows both alike. Sections:
   2. loop overhead: the project's Accelerate loop (train/loop.py) against a minimal PyTorch loop
      over the same decoded tensors, same model, batch and precision
   3. service overhead: an epoch through train/main.py against the same minimal loop
-  4. GPU only: training images/s per model at 32 and 224 px in bf16, fed by the pipeline against
-     synthetic GPU-resident tensors
+  4. GPU only: per model at 32 and 224 px (bf16, batch 256), train/loop.py's train_one_epoch over
+     Accelerate-prepared loaders of GPU-resident data against the same model stepping on one synthetic
+     tensor; MobileNetV2's ms/step at batch 16/224 px and 128/32 px eager, compiled and with CUDA graphs
+     (--compile-mode reduce-overhead), and the seed preset's projected training time
 """
 
 import argparse
 import json
 import os
 import platform
+import runpy
 import statistics
 import subprocess
 import sys
@@ -26,17 +29,24 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+import torch.nn.functional as F
+
+from train.augment import MEAN, STD, BatchTransform
+from train.config import Config
+from train.data import Split, encoded_images, find_columns, make_loader
+from train.decode import choose_policy, common_size, decode_all
+from train.models import build_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from train.augment import MEAN, STD, BatchTransform  # noqa: E402
-from train.config import Config  # noqa: E402
-from train.data import Split, encoded_images, find_columns, make_loader  # noqa: E402
-from train.decode import choose_policy, common_size, decode_all  # noqa: E402
-from train.models import build_model  # noqa: E402
+class Rows(list):
+    """The table's rows, each printed as soon as it is measured: a run cut short keeps what it measured."""
+
+    def append(self, row: tuple) -> None:
+        print("| " + " | ".join(row) + " |", flush=True)
+        super().append(row)
 
 
 def median_alternating(sides: dict, repeats: int) -> dict:
@@ -54,9 +64,7 @@ def load_train_split(args):
     import datasets
 
     if args.synthetic:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from synthetic import write_parquet_dataset
-
+        write_parquet_dataset = runpy.run_path(str(ROOT / "tests" / "synthetic.py"))["write_parquet_dataset"]
         folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
         write_parquet_dataset(folder, n_train=args.synthetic, n_test=16)
         args.dataset = str(folder)
@@ -142,32 +150,50 @@ def plain_loop(split: Split, arch: str, steps: int, device, precision: str):
     return run
 
 
-def accelerate_loop(split: Split, arch: str, steps: int, precision: str):
-    """train/loop.py's train_one_epoch, as train/main.py drives it, over exactly `steps` batches."""
-    from accelerate import Accelerator
-
-    from train.loop import Hooks, Parts, TrainState, train_one_epoch
+def loop_sides(accelerator, split: Split, arch: str, size: int, batch: int, steps: int, compile_mode: str = ""):
+    """(real, synthetic): functions returning images/s over `steps` batches of `batch`.
+    real: train/loop.py's train_one_epoch, as train/main.py drives it, over an Accelerator-prepared loader of
+    `split` (GPU-resident when `split` is on the GPU); synthetic: the same prepared model and optimizer stepping
+    on one random tensor — the speed of the model alone."""
+    from train.loop import Hooks, LoopConfig, Parts, TrainState, train_one_epoch
     from train.optim import build_optimizer, build_scheduler
 
-    cfg = Config(arch=arch, batch_size=128, epochs=1000, lr=0.01, log_every=50, weight_decay=0.0,
-                 scheduler="none")
-    acc = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
-    model = build_model(arch, 10)
-    loader = acc.prepare(make_loader(split.subset(range(steps * 128)), 128, shuffle_seed=0))
-    optimizer = build_optimizer(cfg, model)
+    device = accelerator.device
+    cfg = Config(arch=arch, lr=0.01, weight_decay=0.0, scheduler="none")  # the optimizer's settings
+    model = build_model(arch, 10).to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
+    if compile_mode:
+        model = torch.compile(model, mode=compile_mode)
+    loader = accelerator.prepare(make_loader(split.subset(range(steps * batch)), batch, shuffle_seed=0))
+    optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    parts = Parts(acc, model, optimizer, scheduler, loader, None)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    parts = Parts(accelerator, model, optimizer, scheduler, loader, None, BatchTransform(size, train=True),
+                  BatchTransform(size), [str(i) for i in range(10)])
     state = TrainState()
+    x = torch.randn(batch, 3, size, size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    y = torch.randint(0, 10, (batch,), device=device)
 
-    def run():
-        start = time.perf_counter()
-        train_one_epoch(parts, cfg, state, Hooks())
+    def timed(fn):
+        def run():
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return steps * batch / (time.perf_counter() - start)
+        return run
+
+    def real():
+        train_one_epoch(parts, LoopConfig(epochs=10**6), state, Hooks())
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * 128 / (time.perf_counter() - start)
-    return run
+
+    def synthetic():
+        model.train()
+        for _ in range(steps):
+            accelerator.backward(F.cross_entropy(model(x), y))  # the prepared model autocasts as in the loop
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return timed(real), timed(synthetic)
 
 
 def service_epoch(args, arch: str, steps: int, precision: str):
@@ -204,7 +230,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16" if device.type == "cuda" else "no"
     torch.backends.cudnn.benchmark = True
-    rows = []
+    rows = Rows()
     ds, image_col, label_col, split, decode_s = load_train_split(args)
     threads = len(os.sched_getaffinity(0))
     rows.append((f"decode the train split once: 1 process vs {threads}",
@@ -219,8 +245,12 @@ def main():
                      f"{got['ours']:,.0f} vs {got['per-item']:,.0f} img/s",
                      "≥ 10×" if size == 32 else "", f"{got['ours'] / got['per-item']:.1f}×"))
 
-    got = median_alternating({"accelerate": accelerate_loop(split, args.arch, args.steps, precision),
-                              "plain": plain_loop(split, args.arch, args.steps, device, precision)}, args.repeats)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
+    real, _ = loop_sides(accelerator, split, args.arch, 32, 128, args.steps)
+    got = median_alternating({"accelerate": real, "plain": plain_loop(split, args.arch, args.steps, device, precision)},
+                             args.repeats)
     rows.append((f"loop: Accelerate loop vs plain PyTorch ({args.arch}, 32 px, batch 128, {precision})",
                  f"{got['accelerate']:,.0f} vs {got['plain']:,.0f} img/s", "≥ 0.97×",
                  f"{got['accelerate'] / got['plain']:.2f}×"))
@@ -234,7 +264,7 @@ def main():
                  "≥ 0.90×", f"{got['service'] / got['plain']:.2f}×"))
 
     if device.type == "cuda":
-        rows += gpu_models(split, args.repeats)
+        gpu_models(rows, accelerator, split, args.repeats)
     else:
         rows.append(("per-model GPU throughput, pipeline vs synthetic", "needs a GPU", "≥ 0.9×", "not run"))
 
@@ -251,46 +281,33 @@ def main():
         Path(args.out).write_text(text)
 
 
-def gpu_models(split: Split, repeats: int) -> list:
-    rows = []
-    device = torch.device("cuda")
+def gpu_models(rows: Rows, accelerator, split: Split, repeats: int) -> None:
+    """The real loop over GPU-resident data against the model alone, per model and input size (bf16, batch 256);
+    then ms/step of small-batch steps eager, compiled and with CUDA graphs, and the seed preset's projection."""
+    resident = split.to(accelerator.device)
     for arch in ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18"):
         for size in (32, 224):
-            model = build_model(arch, 10).to(device, memory_format=torch.channels_last)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
-            transform = BatchTransform(size, train=True)
-            images, labels = split.images.to(device), split.labels.to(device)
-            synthetic = torch.randn(256, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-            synthetic_labels = torch.randint(0, 10, (256,), device=device)
-
-            def step(x, y):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            def fed(steps=30):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    idx = torch.randint(0, len(labels), (256,), device=device)
-                    step(transform(images[idx]), labels[idx])
-                torch.cuda.synchronize()
-                return steps * 256 / (time.perf_counter() - start)
-
-            def synth(steps=30):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step(synthetic, synthetic_labels)
-                torch.cuda.synchronize()
-                return steps * 256 / (time.perf_counter() - start)
-
-            fed(5), synth(5)  # cuDNN autotuning and allocator warm-up
-            got = median_alternating({"fed": fed, "synthetic": synth}, repeats)
-            rows.append((f"GPU {arch} {size} px bf16 batch 256: pipeline vs synthetic",
-                         f"{got['fed']:,.0f} vs {got['synthetic']:,.0f} img/s", "≥ 0.9×",
-                         f"{got['fed'] / got['synthetic']:.2f}×"))
-    return rows
+            real, synthetic = loop_sides(accelerator, resident, arch, size, 256, 20)
+            real(), synthetic()  # cuDNN autotuning and allocator warm-up
+            got = median_alternating({"real": real, "synthetic": synthetic}, repeats)
+            rows.append((f"GPU {arch} {size} px, {accelerator.mixed_precision}, batch 256: "
+                         "train_one_epoch vs model alone",
+                         f"{got['real']:,.0f} vs {got['synthetic']:,.0f} img/s "
+                         f"({256e3 / got['real']:.1f} vs {256e3 / got['synthetic']:.1f} ms/step)", "≥ 0.9×",
+                         f"{got['real'] / got['synthetic']:.2f}×"))
+    for batch, size, steps in ((16, 224, 100), (128, 32, 100)):
+        ms = {}
+        for mode in ("", "default", "reduce-overhead"):
+            real, _ = loop_sides(accelerator, resident, "mobilenet_v2", size, batch, steps, compile_mode=mode)
+            real()  # compilation, graph capture
+            ms[mode or "eager"] = batch * 1e3 / statistics.median(real() for _ in range(repeats))
+        best = min(ms, key=ms.get)
+        rows.append((f"GPU mobilenet_v2 batch {batch}, {size} px: ms/step eager / compiled / CUDA graphs",
+                     " / ".join(f"{v:.2f}" for v in ms.values()), "< 8 ms" if batch == 16 else "",
+                     f"best: {best}"))
+        if batch == 16:  # configs/seed-mobilenet_v2.yaml: 30 epochs of 2,500 steps
+            rows.append(("seed preset (mobilenet_v2, batch 16, 224 px, 75,000 training steps), projected",
+                         f"{75_000 * ms[best] / 60e3:.1f} min with {best}", "< 10 min", ""))
 
 
 if __name__ == "__main__":

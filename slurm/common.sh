@@ -17,12 +17,15 @@
 #   ACCELERATE_CONFIG  accelerate config file (default: accelerate_config.yaml, bf16; empty: none)
 #   ACCELERATE_ARGS    extra `accelerate launch` flags, e.g. "--mixed_precision no"
 #   PYTHON             the interpreter (default: python3 of the environment set up in the script)
+#   ENTRY              what `accelerate launch` runs (default: $PROJECT_DIR/train/main.py; or "-m train.main")
 #   MAX_REQUEUES       requeues after preemption before a job gives up (default 5; SLURM_RESTART_COUNT counts)
 
 PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 RUNS_DIR=${RUNS_DIR:-$PROJECT_DIR/runs}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG-$PROJECT_DIR/accelerate_config.yaml}
 PYTHON=${PYTHON:-python3}
+# The job imports this project's `train` package, whichever checkout the environment has installed.
+export PYTHONPATH=$PROJECT_DIR${PYTHONPATH:+:$PYTHONPATH}
 
 gpus_on_node() {
     local n=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}
@@ -176,7 +179,14 @@ accelerate_launch() {
                --rdzv_conf "is_host=$([ "$rank" = 0 ] && echo true || echo false)")
     fi
     # shellcheck disable=SC2206
-    args+=(${ACCELERATE_ARGS:-} "$PROJECT_DIR/train/main.py" "$@")
+    args+=(${ACCELERATE_ARGS:-})
+    if [ -n "${ENTRY:-}" ]; then
+        # shellcheck disable=SC2206
+        args+=(${ENTRY})
+    else
+        args+=("$PROJECT_DIR/train/main.py")
+    fi
+    args+=("$@")
     echo "$(date +%T) $(hostname -s): $PYTHON ${args[*]}" >&2
     "$PYTHON" "${args[@]}"
 }

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import write_parquet_dataset  # noqa: E402
+from synthetic import write_parquet_dataset  # tests/ is on sys.path: pytest puts a conftest's folder there
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "train" / "main.py")
@@ -64,6 +63,27 @@ def decode_cache(tmp_path_factory):
 def dataset_dir(tmp_path_factory) -> Path:
     """256 train / 101 test images (an odd test size, to catch DDP padding), hub parquet layout."""
     return write_parquet_dataset(tmp_path_factory.mktemp("synthetic") / "ds")
+
+
+@pytest.fixture
+def parts_for(dataset_dir):
+    """build(**options) -> (Config, Parts): a run's prepared parts in this process, for driving the loop."""
+    from accelerate.state import AcceleratorState
+
+    from train.config import Config
+    from train.data import load_image_data
+    from train.main import make_accelerator
+    from train.runner import build_parts
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    data = load_image_data(Config(dataset=str(dataset_dir), decode_cache="off"))
+
+    def build(**options):
+        cfg = Config(**{"dataset": str(dataset_dir), "arch": "resnet18", "batch_size": 16, "epochs": 1,
+                        "wandb": False, **options})
+        return cfg, build_parts(cfg, make_accelerator(cfg, track=False), data)
+    yield build
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,9 @@ CASES = {
     "config unknown key": (["--config", "{badconfig}"], {}, "unknown key 'learning_rate'"),
     "sync-bn on cpu": (["--dataset", "{good}", "--arch", "resnet18", "--sync-bn"], {"CUDA_VISIBLE_DEVICES": ""},
                        "--sync-bn needs GPUs"),
+    "compile mode without compile": (["--compile-mode", "reduce-overhead"], {}, "needs --compile"),
+    "cuda graphs on cpu": (["--dataset", "{good}", "--arch", "resnet18", "--compile", "--compile-mode",
+                            "reduce-overhead"], {"CUDA_VISIBLE_DEVICES": ""}, "captures CUDA graphs: it needs a GPU"),
     "mixup alpha": (["--mixup-alpha", "-1"], {}, "--mixup-alpha must be >= 0"),
     # torchvision downloads ImageNet weights at run time; with no route out that must be one line too.
     "pretrained offline": (["--dataset", "{good}", "--arch", "resnet18", "--pretrained"],

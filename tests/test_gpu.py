@@ -36,6 +36,7 @@ def assert_trained(out, precision):
 @pytest.mark.parametrize("precision, options", [
     ("bf16", []), ("fp16", []), ("no", []),
     ("bf16", ["--compile"]),
+    ("bf16", ["--compile", "--compile-mode", "reduce-overhead", "--grad-accum-steps", "2"]),  # CUDA graphs + BN
     ("bf16", ["--no-gpu-resident"]),  # pinned host batches, copied non_blocking
     ("bf16", ["--ema-decay", "0.9", "--tta", "--sync-bn"]),
     ("fp16", ["--optimizer", "adamw", "--lr", "0.002"]),
@@ -87,10 +88,10 @@ def gpu_parts(dataset_dir, monkeypatch):
 def test_training_steps_never_wait_for_the_gpu(gpu_parts):
     """Between log steps a step launches work and never reads it back: sync debug mode turns any wait into
     an error. Data loading of each next batch runs inside the checked window too."""
-    from train.loop import Hooks, TrainState, train_one_epoch
+    from train.loop import Hooks, LoopConfig, TrainState, train_one_epoch
 
     class Checked(Hooks):
-        def on_step(self, state, snapshot):
+        def on_step(self, state):
             if state.step == 2:  # after the first steps (cuDNN autotuning, lazy initialisation)
                 torch.cuda.set_sync_debug_mode("error")
             if state.step == 6:
@@ -98,7 +99,7 @@ def test_training_steps_never_wait_for_the_gpu(gpu_parts):
 
     cfg, parts = gpu_parts("bf16", max_steps=6, log_every=1000)
     try:
-        train_one_epoch(parts, cfg, TrainState(), Checked())
+        train_one_epoch(parts, LoopConfig.from_config(cfg), TrainState(), Checked())
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -108,7 +109,7 @@ def test_an_fp16_overflow_step_is_skipped_and_seen(gpu_parts, optimizer):
     """GradScaler skips a step whose gradients overflow; Accelerate must see it (not hidden inside a fused
     kernel), so the schedule does not advance, and the next good step works from clean optimizer state."""
     cfg, parts = gpu_parts("fp16", optimizer=optimizer)
-    acc, model, opt = parts.accelerator, parts.model, parts.optimizer
+    accelerator, model, opt = parts.accelerator, parts.model, parts.optimizer
     assert not opt.optimizer.defaults.get("fused")
     images, labels = next(iter(parts.train_loader))
     from train.augment import BatchTransform
@@ -116,13 +117,13 @@ def test_an_fp16_overflow_step_is_skipped_and_seen(gpu_parts, optimizer):
     x = BatchTransform(32)(images)
     before = [p.detach().clone() for p in model.parameters()]
     loss = torch.nn.functional.cross_entropy(model(x), labels)
-    acc.backward(loss * float("inf"))  # every gradient overflows
+    accelerator.backward(loss * float("inf"))  # every gradient overflows
     opt.step()
     opt.zero_grad()
-    assert acc.optimizer_step_was_skipped
+    assert accelerator.optimizer_step_was_skipped
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    acc.backward(torch.nn.functional.cross_entropy(model(x), labels))
+    accelerator.backward(torch.nn.functional.cross_entropy(model(x), labels))
     opt.step()
-    assert not acc.optimizer_step_was_skipped
+    assert not accelerator.optimizer_step_was_skipped
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState
 from train.augment import BatchTransform
 from train.config import Config
 from train.data import load_image_data
-from train.loop import Hooks, TrainState, evaluate, train_one_epoch
+from train.loop import Hooks, LoopConfig, TrainState, evaluate, train_one_epoch
 from train.main import make_accelerator
 from train.runner import build_parts
 from train.models import plain_model
@@ -34,7 +34,7 @@ def test_training_and_evaluation_run_the_model_in_the_launch_precision(launched_
     classifier = plain_model(accelerator, parts.model).fc  # inside the model, before Accelerate casts outputs back
     classifier.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
 
-    train_one_epoch(parts, cfg, TrainState(), Hooks())
+    train_one_epoch(parts, LoopConfig.from_config(cfg), TrainState(), Hooks())
     assert seen == [dtype]
     evaluate(accelerator, parts.model, parts.val_loader, BatchTransform(32))
     assert seen[1:] and set(seen[1:]) == {dtype}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -145,35 +146,30 @@ def test_eval_only_on_a_checkpoint_folder(dataset_dir, tmp_path):
         assert got[key] == want[key], key
 
 
-def _workers(launcher: subprocess.Popen) -> list:
-    """The train/main.py processes under a launcher (itself, for plain python)."""
-    root = psutil.Process(launcher.pid)
-    procs = [root, *root.children(recursive=True)]
-    def script(p):  # the first argument of python that is not an option: the launcher runs a module
-        return next((a for a in p.cmdline()[1:] if not a.startswith("-")), "")
-
-    return [p for p in procs if script(p).endswith("train/main.py")]
+def _workers(pid_dir: Path) -> list:
+    """The training processes, found as Slurm's scripts find them: each wrote its pid into pid_dir."""
+    return [psutil.Process(int(p.name)) for p in pid_dir.iterdir()] if pid_dir.is_dir() else []
 
 
-def _start(cmd_args, processes=0):
+def _start(cmd_args, pid_dir: Path, processes=0, entry=(MAIN,)):
     if processes:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--multi_gpu", "--num_processes",
                str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
-               MAIN, *cmd_args]
-        env = child_env(ACCELERATE_USE_CPU="true")
+               *entry, *cmd_args]
+        env = child_env(ACCELERATE_USE_CPU="true", CIFAR_ACCELERATE_PID_DIR=str(pid_dir))
     else:
-        cmd, env = [sys.executable, MAIN, *cmd_args], child_env()
+        cmd, env = [sys.executable, *entry, *cmd_args], child_env(CIFAR_ACCELERATE_PID_DIR=str(pid_dir))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _signal_when_training(proc, out, sig, rank=0, processes=1):
+def _signal_when_training(proc, out, pid_dir, sig, rank=0, processes=1):
     """Wait for the first checkpoint (training is under way), then signal one rank's process."""
     deadline = time.time() + 120
     while not (out / "checkpoints").is_dir() or not any(p.name.startswith("e") for p in
                                                          (out / "checkpoints").iterdir()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
-    workers = _workers(proc)
+    workers = _workers(pid_dir)
     assert len(workers) == processes
     target = [w for w in workers if w.environ().get("RANK", "0") == str(rank)][0]
     target.send_signal(sig)
@@ -183,8 +179,8 @@ def _signal_when_training(proc, out, sig, rank=0, processes=1):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_path, sig):
-    out = tmp_path / "run"
-    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out)), out, sig)
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), pids), out, pids, sig)
     assert code == 75, stderr[-2000:]
     assert f"received {sig.name}" in stderr and "preempted: checkpoint written" in stdout
     assert (out / "PREEMPTED").is_file() and not (out / "summary.json").exists()
@@ -217,11 +213,12 @@ def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_reference, t
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("sig, rank", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
-def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_reference, tmp_path, sig, rank):
-    out = tmp_path / "run"
-    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), processes=2), out, sig,
-                                                 rank=rank, processes=2)
+@pytest.mark.parametrize("sig, rank, entry", [(signal.SIGUSR1, 1, (MAIN,)), (signal.SIGTERM, 0, ("-m", "train.main"))])
+def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_reference, tmp_path, sig, rank, entry):
+    """Under both launch forms: `accelerate launch train/main.py` and `accelerate launch -m train.main`."""
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), pids, processes=2, entry=entry), out,
+                                                 pids, sig, rank=rank, processes=2)
     assert code != 0 and (out / "PREEMPTED").is_file(), stderr[-3000:]  # accelerate launch reports 1
     assert f"received {sig.name}" in stderr
     newest = json.loads((out / "checkpoints" / checkpoints(out)[-1] / "trainer_state.json").read_text())["step"]

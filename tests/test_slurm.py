@@ -272,8 +272,10 @@ exec {sys.executable} "$@"
     assert jobs(env, job)[job]["Restarts"] == "1"
 
 
-def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env, tmp_path, dataset_dir):
-    env = {**job_env, "MAX_REQUEUES": "0"}
+@pytest.mark.parametrize("entry", ["", "-m train.main"])  # the default: the script train/main.py
+def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env, tmp_path, dataset_dir, entry):
+    """Signal forwarding finds the workers under both launch forms; the cap on requeues holds."""
+    env = {**job_env, "MAX_REQUEUES": "0", "ENTRY": entry}
     job = sbatch(env, tmp_path, "train.sbatch", args=["--dataset", str(dataset_dir),
                                                       *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
     run = tmp_path / "runs" / f"cifar-train-{job}"
@@ -284,3 +286,4 @@ def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0" and state["Restarts"] == "0", (state, text)
     assert "got SIGUSR1, forwarding to the training processes" in text and (run / "PREEMPTED").is_file()
     assert f"not requeueing job {job}: preempted with a checkpoint" in text and "MAX_REQUEUES=0" in text
+    assert (" -m train.main " if entry else "/train/main.py ") in text  # the launch command the log shows

@@ -9,13 +9,8 @@ import collections
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
-from train.config import Config
-from train.data import load_image_data
-from train.loop import Hooks, TrainState, train_one_epoch
-from train.main import make_accelerator
-from train.runner import build_parts
+from train.loop import Hooks, LoopConfig, TrainState, train_one_epoch
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
@@ -38,22 +33,10 @@ def host_reads(monkeypatch):
     return counts
 
 
-@pytest.fixture
-def parts_for(dataset_dir):
-    AcceleratorState._reset_state(reset_partial_state=True)
-    data = load_image_data(Config(dataset=str(dataset_dir), decode_cache="off"))
-
-    def build(**options):
-        cfg = Config(dataset=str(dataset_dir), arch="resnet18", batch_size=16, epochs=1, wandb=False, **options)
-        return cfg, build_parts(cfg, make_accelerator(cfg, track=False), data)
-    yield build
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def reads_per_epoch(parts_for, host_reads, **options) -> int:
     cfg, parts = parts_for(**options)
     host_reads.clear()
-    train_one_epoch(parts, cfg, TrainState(), Hooks())
+    train_one_epoch(parts, LoopConfig.from_config(cfg), TrainState(), Hooks())
     return sum(host_reads.values())
 
 

@@ -126,29 +126,29 @@ class Checkpointer:
     def save(self, state, weights: dict, preempted: bool = False) -> Path:
         """Every rank calls this; the folder appears under its final name only once complete.
         `weights`: {name: state dict} saved beside Accelerate's files as <name>.safetensors (best, ema)."""
-        acc, self.saves = self.accelerator, self.saves + 1
+        accelerator, self.saves = self.accelerator, self.saves + 1
         final = self.root / checkpoint_name(state)
         tmp = self.root / f".tmp-{final.name}"
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         try:  # a full or read-only disk fails here, before the rename: the previous checkpoint stays intact
             with writing(tmp):
-                acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank's RNG file is in place
-            if acc.is_main_process:
+                accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every rank's RNG file is in place
+            if accelerator.is_main_process:
                 with writing(tmp):
                     self._write_rest(tmp, state, weights, preempted)
         except OSError:
-            if acc.is_main_process:
+            if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # give back the space the failed write took
             raise
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             if final.exists():  # an identical position saved before a crash: replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
             self._rotate()
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         return final
 
     def _write_rest(self, tmp: Path, state, weights: dict, preempted: bool) -> None:

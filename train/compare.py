@@ -11,12 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from train import run_dir  # noqa: E402
-from train.errors import UsageError, report_usage_error  # noqa: E402
-from train.sweep_summary import history, markdown, run_row  # noqa: E402
+from train import run_dir
+from train.errors import UsageError, report_usage_error
+from train.sweep_summary import history, markdown, run_row
 
 PANELS = (("loss", "train_loss", "val_loss"), ("accuracy", "train_acc", "val_acc"), ("macro-F1", None, "val_f1_macro"))
 

@@ -45,6 +45,9 @@ class Config:
     pretrained: bool = _opt(False, "start from torchvision's ImageNet weights (downloaded by torchvision)")
     cifar_stem: bool = _opt(False, "adapt ResNets and MobileNets to 32 px inputs (stride-1 stem, see README)")
     compile: bool = _opt(False, "torch.compile the model")
+    compile_mode: str = _opt("default", "torch.compile mode with --compile: reduce-overhead captures CUDA graphs "
+                             "(one GPU; for small batches, whose steps are launch-bound)",
+                             choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     tta: bool = _opt(False, "also report test metrics with horizontal-flip test-time augmentation")
     auto_augment: str = _opt("none", "per-image policy after crop/flip", choices=("none", "autoaugment", "randaugment"))
     random_erasing: float = _opt(0.0, "probability of random erasing per image (0: off)")
@@ -117,6 +120,8 @@ class Config:
                 raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.compile_mode != "default" and not self.compile:
+            raise UsageError(f"--compile-mode {self.compile_mode} needs --compile")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.resume == "auto" and not self.output_dir:
@@ -133,7 +138,7 @@ class Config:
 GROUPS = {
     "data": ["dataset", "image_column", "label_column", "val_size", "val_images", "train_images", "image_size",
              "decode_size", "skip_bad_images", "gpu_resident", "num_workers", "decode_cache"],
-    "model": ["arch", "pretrained", "cifar_stem", "compile", "sync_bn"],
+    "model": ["arch", "pretrained", "cifar_stem", "compile", "compile_mode", "sync_bn"],
     "augmentation": ["auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha"],
     "optimisation": ["epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay",
                      "scheduler", "warmup_epochs", "lr_step_size", "lr_gamma", "label_smoothing", "grad_accum_steps",

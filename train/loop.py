@@ -1,17 +1,62 @@
-"""One training epoch and one evaluation pass, shared by every split and every run mode."""
+"""One training epoch and one evaluation pass, shared by every split and every run mode.
+
+The loop owns every collective of training. A step only launches work; at the steps the loop chooses
+(every `log_every` and `checkpoint_every` optimizer steps, a stop request of a single process, and the
+end of an epoch) one gather brings every process's running totals, its first non-finite step and its
+stop request to every process. Hooks are then called with plain values, on every process at the same
+step, and never communicate themselves (saving a checkpoint, which all processes do together, aside).
+"""
 
 import contextlib
+import enum
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from train.augment import BatchTransform
 from train.metrics import classification_metrics
+
+
+class Stop(enum.Enum):
+    """Why training, or one epoch of it, ended."""
+
+    FINISHED = "finished"  # ran to its end: the epoch (train_one_epoch) or the last epoch (fit)
+    MAX_STEPS = "max_steps"  # --max-steps reached
+    SIGNAL = "signal"  # a process was asked to stop (preemption): the caller writes a checkpoint
+
+
+@dataclass
+class Totals:
+    """Running sums over an epoch's training batches."""
+
+    loss_sum: float = 0.0  # mean cross-entropy times batch size
+    correct: float = 0.0  # with MixUp/CutMix: argmax equal to the original label
+    seen: float = 0.0
+
+    @classmethod
+    def of(cls, saved) -> "Totals":
+        """From a checkpoint's record: a dict, or [loss sum, correct, seen] in older checkpoints."""
+        return saved if isinstance(saved, Totals) else cls(**saved) if isinstance(saved, dict) else cls(*saved)
+
+    def __add__(self, other: "Totals") -> "Totals":
+        return Totals(self.loss_sum + other.loss_sum, self.correct + other.correct, self.seen + other.seen)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1.0, self.seen)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1.0, self.seen)
 
 
 @dataclass
@@ -24,43 +69,69 @@ class TrainState:
     best_epoch: int = 0  # 1-based; 0 before any validation
     best_val_f1_macro: float = -1.0
     history: list = field(default_factory=list)  # one metrics record per finished epoch
-    partial: list = field(default_factory=list)  # per rank: this epoch's [loss sum, correct, seen] so far
+    partial: list = field(default_factory=list)  # per process: this epoch's Totals at the last sync point
     partial_seconds: float = 0.0
     wall_seconds: float = 0.0  # of earlier attempts, for a resumed run's total run time
+
+    def __post_init__(self):
+        self.partial = [Totals.of(p) for p in self.partial]
+
+
+@dataclass
+class LoopConfig:
+    """The settings the loop reads (train/config.py's Config has them all; `from_config` picks these)."""
+
+    epochs: int = 1
+    seed: int = 0
+    log_every: int = 50  # optimizer steps between log lines (and, under DDP, stop agreements)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
+    max_steps: int = 0  # 0: no limit
+    clip_grad_norm: float = 0.0  # 0: off
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoopConfig":
+        return cls(epochs=cfg.epochs, seed=cfg.seed, log_every=cfg.log_every,
+                   checkpoint_every=cfg.checkpoint_every_steps, max_steps=cfg.max_steps,
+                   clip_grad_norm=cfg.clip_grad_norm, label_smoothing=cfg.label_smoothing)
 
 
 @dataclass
 class Parts:
     """The prepared objects of a training run."""
 
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    train_loader: object
-    val_loader: object
-    num_classes: int = 0
+    optimizer: torch.optim.Optimizer
+    scheduler: AcceleratedScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    train_transform: BatchTransform  # uint8 batch -> augmented, normalised inputs and (soft) targets
+    eval_transform: BatchTransform
+    class_names: list
 
 
 class Hooks:
-    """What the run does around the loop; the defaults do nothing."""
+    """What a run does around the loop; the defaults do nothing. Called on every process at the same step."""
 
-    def on_step(self, state: TrainState, snapshot) -> None:
-        """After each optimizer step; call snapshot() (on every rank) before saving the state."""
+    def on_step(self, state: TrainState) -> None:
+        """After each optimizer step. Reads nothing from the device."""
 
     def on_log(self, state: TrainState, values: dict) -> None:
-        """Every --log-every optimizer steps, with running train loss, lr and throughput."""
+        """Every `log_every` optimizer steps: running train loss (all processes), lr and throughput."""
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        """Every `checkpoint_every` optimizer steps; state.partial holds every process's running totals."""
 
     def on_epoch_end(self, state: TrainState, record: dict, improved: bool) -> None:
-        pass
+        """After validation, with the epoch's metrics record."""
 
     def evaluation(self):
         """Context for validation (e.g. with EMA weights swapped in)."""
         return contextlib.nullcontext()
 
-    def should_stop(self, agree: bool = True) -> bool:
-        """Whether to stop now. `agree`: this step may run a collective to agree with the other processes;
-        every process passes the same value at the same step."""
+    def stop_requested(self) -> bool:
+        """Whether this process was asked to stop (e.g. by a signal); the loop agrees it with the others."""
         return False
 
 
@@ -76,20 +147,18 @@ class Diverged(Exception):
                          f"--clip-grad-norm 1.0, bf16 rather than fp16; then continue with --resume auto")
 
 
-def check_finite(accelerator, first_bad: torch.Tensor, epoch: int, lr: float) -> None:
-    """Raise Diverged if any rank saw a non-finite loss. A collective: every rank calls it at the same step."""
-    seen = accelerator.gather(first_bad[None]).tolist()  # the step of each rank's first bad loss, 0 if none
-    bad = [step for step in seen if step > 0]
-    if bad:
-        raise Diverged(min(bad), epoch, lr)
-
-
 @dataclass
 class EvalResult:
     loss: float
     preds: np.ndarray
     labels: np.ndarray
     preds_tta: np.ndarray = None  # with horizontal-flip test-time augmentation, when asked for
+
+
+class Epoch(NamedTuple):
+    totals: Totals  # over all processes
+    seconds: float
+    stop: Stop
 
 
 def interactive() -> bool:
@@ -102,124 +171,158 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + batch) * 1009 + rank
 
 
-def train_one_epoch(parts: Parts, cfg, state: TrainState, hooks: Hooks) -> tuple:
-    """Train from state.batch_in_epoch until the epoch ends ("end"), --max-steps ("max_steps") or a
-    stop request ("signal"). Return (loss sum, correct, seen) over all processes, seconds, and the reason.
-    Raise Diverged, on every rank, after a non-finite loss."""
-    acc, model, optimizer = parts.accelerator, parts.model, parts.optimizer
-    model.train()
-    transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
-                               mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha, num_classes=parts.num_classes)
+def _exchange(accelerator: Accelerator, values: torch.Tensor, stop: bool) -> tuple:
+    """The loop's one collective: (every process's row of `values`, whether any process asked to stop)."""
+    flag = torch.full((1,), float(stop), device=values.device)  # a fill, not a host-to-device copy
+    rows = accelerator.gather(torch.cat([values.float(), flag])[None]).tolist()
+    return [row[:-1] for row in rows], any(row[-1] for row in rows)
+
+
+class _Running:
+    """This process's running totals and divergence record of an epoch. They stay on the device, so a step
+    never waits for it; `sync` reads them, for all processes at once."""
+
+    def __init__(self, accelerator: Accelerator, start: Totals, step: int):
+        self.accelerator, device = accelerator, accelerator.device
+        self.totals = torch.tensor([start.loss_sum, start.correct, start.seen], device=device)  # once an epoch
+        self.step = torch.tensor(step, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first non-finite loss
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.totals[0] += loss * len(labels)  # Python numbers go to the kernel: no host-to-device copy
+        self.totals[1] += (logits.argmax(1) == labels).sum()
+        self.totals[2] += len(labels)
+        self.first_bad.copy_(torch.where((self.first_bad == 0) & ~torch.isfinite(loss), self.step + 1,
+                                         self.first_bad))
+
+    def sync(self, stop: bool, epoch: int, lr: float) -> tuple:
+        """(every process's Totals, whether any asked to stop). Raises Diverged on every process alike."""
+        rows, stop = _exchange(self.accelerator, torch.cat([self.totals, self.first_bad[None].float()]), stop)
+        bad = [int(row[3]) for row in rows if row[3] > 0]
+        if bad:
+            raise Diverged(min(bad), epoch, lr)
+        return [Totals(*row[:3]) for row in rows], stop
+
+
+def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labels) -> None:
+    accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
+    with accelerator.accumulate(model):
+        inputs, targets = parts.train_transform.train_batch(images, labels)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets, label_smoothing=loop.label_smoothing)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and loop.clip_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), loop.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    running.add(loss, logits, labels)
+
+
+def _batches(parts: Parts, state: TrainState):
+    """The epoch's batches from state.batch_in_epoch on (a resumed epoch skips those already trained)."""
+    parts.train_loader.set_epoch(state.epoch)
+    if not state.batch_in_epoch:
+        return parts.train_loader
+    batches = parts.accelerator.skip_first_batches(parts.train_loader, state.batch_in_epoch)
+    batches.set_epoch(state.epoch)
+    return batches
+
+
+def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Epoch:
+    """Train from state.batch_in_epoch until the epoch ends, `max_steps`, or a stop request agreed by all
+    processes. Raise Diverged, on every process, after a non-finite loss (read at the next sync point)."""
+    accelerator, lr = parts.accelerator, lambda: parts.optimizer.param_groups[0]["lr"]
+    parts.model.train()
     if state.batch_in_epoch == 0:
         state.partial, state.partial_seconds = [], 0.0
-    totals = torch.tensor(_resumed_totals(state.partial, acc), device=acc.device)
-    parts.train_loader.set_epoch(state.epoch)
-    batches = parts.train_loader
-    if state.batch_in_epoch:
-        batches = acc.skip_first_batches(parts.train_loader, state.batch_in_epoch)
-        batches.set_epoch(state.epoch)
+    running = _Running(accelerator, _resumed_totals(state.partial, accelerator), state.step)
+    batches = _batches(parts, state)
     # A live bar on terminals only: in a Slurm log or CI its carriage-return frames are noise (the run
     # prints a plain line every --log-every steps instead: RunHooks.on_log in runner.py).
     bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not (acc.is_main_process and interactive()))
-    start, reason = time.perf_counter() - state.partial_seconds, "end"
-    # Divergence is recorded on the device (the step of the first non-finite loss) and read only where the
-    # loop synchronises anyway: log steps, before a checkpoint is written, and at the end of the epoch.
-    step_on_device = torch.tensor(state.step, device=acc.device)
-    first_bad = torch.zeros((), dtype=torch.long, device=acc.device)
+               desc=f"epoch {state.epoch + 1}/{loop.epochs}",
+               disable=not (accelerator.is_main_process and interactive()))
+    start, stop = time.perf_counter() - state.partial_seconds, None  # None: still running
 
-    def check():
-        check_finite(acc, first_bad, state.epoch + 1, optimizer.param_groups[0]["lr"])
-
-    def snapshot():
-        check()  # never checkpoint weights that have diverged
-        state.partial = acc.gather(totals.clone()[None]).tolist()
+    def sync(requested: bool = False) -> bool:
+        state.partial, agreed = running.sync(requested, state.epoch + 1, lr())
         state.partial_seconds = time.perf_counter() - start
+        return agreed
 
     try:
         for images, labels in batches:
-            torch.manual_seed(step_seed(cfg.seed, state.epoch, state.batch_in_epoch, acc.process_index))
-            with acc.accumulate(model):
-                inputs, targets = transform.train_batch(images, labels)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.clip_grad_norm:
-                    acc.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(step_seed(loop.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
+            _train_batch(parts, loop, running, images, labels)
             state.batch_in_epoch += 1
-            totals[0] += loss.detach() * len(labels)  # Python numbers go to the kernel: no host-to-device copy
-            totals[1] += (logits.argmax(1) == labels).sum()
-            totals[2] += len(labels)
-            first_bad.copy_(torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step_on_device + 1,
-                                        first_bad))
             bar.update()
-            if not acc.sync_gradients:
+            if not accelerator.sync_gradients:
                 continue
-            if not acc.optimizer_step_was_skipped:
+            if not accelerator.optimizer_step_was_skipped:
                 parts.scheduler.step()
             state.step += 1
-            step_on_device += 1
-            if state.step % cfg.log_every == 0:  # the only host sync inside the epoch
-                check()
-                seen = totals[2].item()
-                values = {"train/loss": totals[0].item() / seen, "train/lr": optimizer.param_groups[0]["lr"],
-                          "train/images_per_second": seen * acc.num_processes / (time.perf_counter() - start)}
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
-                hooks.on_log(state, values)
-            hooks.on_step(state, snapshot)
-            # Under DDP agreeing to stop is a collective: only every --log-every steps, not a drain per step.
-            if hooks.should_stop(agree=state.step % cfg.log_every == 0):
-                reason = "signal"
-                snapshot()
+            running.step += 1
+            hooks.on_step(state)
+            log = state.step % loop.log_every == 0
+            save = bool(loop.checkpoint_every) and state.step % loop.checkpoint_every == 0
+            # One process can stop at any step; several only at the sync steps, so that all stop at the same one.
+            alone_and_asked = accelerator.num_processes == 1 and hooks.stop_requested()
+            if log or save or alone_and_asked:
+                asked = sync(hooks.stop_requested())
+                if log:
+                    total = sum(state.partial, Totals())
+                    values = {"train/loss": total.loss, "train/lr": lr(),
+                              "train/images_per_second": total.seen / max(1e-9, state.partial_seconds)}
+                    bar.set_postfix(loss=f"{total.loss:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
+                    hooks.on_log(state, values)
+                if asked:  # the caller writes the checkpoint a stop needs
+                    stop = Stop.SIGNAL
+                    break
+                if save:
+                    hooks.on_checkpoint(state)
+            if loop.max_steps and state.step >= loop.max_steps:
+                stop = Stop.MAX_STEPS
                 break
-            if cfg.max_steps and state.step >= cfg.max_steps:
-                reason = "max_steps"
-                break
-        check()
-    except Diverged:
-        reason = "diverged"
-        raise
+        sync()  # the epoch's totals, and a divergence in its last steps
+        stop = stop or Stop.FINISHED
     finally:
-        if reason != "end":
+        if stop is not Stop.FINISHED:
             batches.end()  # leaving a prepared loader early must unregister it from Accelerate's gradient state
         bar.close()
-    return acc.reduce(totals, reduction="sum").tolist(), time.perf_counter() - start, reason
+    return Epoch(sum(state.partial, Totals()), time.perf_counter() - start, stop)
 
 
-def _resumed_totals(partial: list, acc) -> list:
-    """This rank's running totals of a resumed epoch: its own, so sums stay bit-identical."""
-    if len(partial) == acc.num_processes:
-        return partial[acc.process_index]
-    if partial and acc.is_main_process:  # resumed with another world size: count the earlier batches once
-        return [sum(column) for column in zip(*partial)]
-    return [0.0, 0.0, 0.0]
+def _resumed_totals(partial: list, accelerator: Accelerator) -> Totals:
+    """This process's running totals of a resumed epoch: its own, so sums stay bit-identical."""
+    if len(partial) == accelerator.num_processes:
+        return partial[accelerator.process_index]
+    if partial and accelerator.is_main_process:  # resumed with another world size: count earlier batches once
+        return sum(partial, Totals())
+    return Totals()
 
 
-def validate_epoch(parts: Parts, cfg, state: TrainState, totals, seconds, class_names) -> dict:
-    val = evaluate(parts.accelerator, parts.model, parts.val_loader, BatchTransform(cfg.image_size))
-    metrics = classification_metrics(val.preds, val.labels, class_names)
-    loss_sum, correct, seen = totals
-    return {"epoch": state.epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+def validate_epoch(parts: Parts, state: TrainState, totals: Totals, seconds: float) -> dict:
+    val = evaluate(parts.accelerator, parts.model, parts.val_loader, parts.eval_transform)
+    metrics = classification_metrics(val.preds, val.labels, parts.class_names)
+    return {"epoch": state.epoch + 1, "train_loss": totals.loss, "train_acc": totals.accuracy,
             "val_loss": val.loss, "val_acc": metrics["acc"], "val_f1_macro": metrics["f1_macro"],
             "val_per_class_accuracy": metrics["per_class_accuracy"],
             "lr": parts.optimizer.param_groups[0]["lr"], "step": state.step,
-            "train_images": int(seen), "val_images": len(val.labels),  # all processes, each image once
-            "epoch_seconds": seconds, "images_per_second": seen / max(1e-9, seconds)}
+            "train_images": int(totals.seen), "val_images": len(val.labels),  # all processes, each image once
+            "epoch_seconds": seconds, "images_per_second": totals.seen / max(1e-9, seconds)}
 
 
-def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
-    """Train and validate epoch by epoch from `state`. Return "done", "max_steps" or "signal"."""
-    while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
-        if hooks.should_stop():  # a signal that arrived during validation
-            return "signal"
-        totals, train_seconds, reason = train_one_epoch(parts, cfg, state, hooks)
-        if reason == "signal":
-            return reason
+def fit(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Stop:
+    """Train and validate epoch by epoch from `state` until the last epoch, `max_steps` or an agreed stop."""
+    while state.epoch < loop.epochs and not (loop.max_steps and state.step >= loop.max_steps):
+        if _exchange(parts.accelerator, torch.zeros(0, device=parts.accelerator.device), hooks.stop_requested())[1]:
+            return Stop.SIGNAL  # asked during validation
+        epoch = train_one_epoch(parts, loop, state, hooks)
+        if epoch.stop is Stop.SIGNAL:
+            return epoch.stop
         start = time.perf_counter()
         with hooks.evaluation():
-            record = validate_epoch(parts, cfg, state, totals, train_seconds, class_names)
+            record = validate_epoch(parts, state, epoch.totals, epoch.seconds)
         record["epoch_seconds"] += time.perf_counter() - start
         improved = record["val_f1_macro"] > state.best_val_f1_macro
         if improved:
@@ -227,14 +330,9 @@ def fit(parts: Parts, cfg, state: TrainState, class_names, hooks: Hooks) -> str:
         state.history.append(record)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         hooks.on_epoch_end(state, record, improved)
-        if parts.accelerator.is_main_process:
-            print(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
-                  f"macro-F1 {record['val_f1_macro']:.4f} | {record['epoch_seconds']:.1f} s, "
-                  f"{record['images_per_second']:.0f} img/s", flush=True)
-        if reason == "max_steps":
-            return reason
-    return "done"
+        if epoch.stop is Stop.MAX_STEPS:
+            return epoch.stop
+    return Stop.FINISHED
 
 
 @torch.no_grad()

@@ -7,26 +7,30 @@ is in train/runner.py, and config, data, decode, model, loop, metrics, checkpoin
 folder and report each live in their own module.
 """
 
+import importlib.util
 import sys
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `train` importable and stop train/ shadowing top-level names
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# Run as a script, this file's folder (train/) is what Python puts on sys.path, not the project's.
+if importlib.util.find_spec("train") is None:
+    print("error: the `train` package is not importable: install the project (pip install -e .) or run "
+          "`python -m train.main` from its folder", file=sys.stderr)
+    sys.exit(2)
 
-import torch  # noqa: E402
-from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
-from train import preemption, run_dir, runner, tracking  # noqa: E402
-from train.config import Config, parse_config  # noqa: E402
-from train.errors import UsageError, report_usage_error, report_write_error  # noqa: E402
-from train.files import DISK_ERRNOS  # noqa: E402
-from train.loop import EXIT_DIVERGED, Diverged, TrainState  # noqa: E402
-from train.models import ModelSpec, check_arch  # noqa: E402
-from train.preemption import EXIT_PREEMPTED  # noqa: E402
+from train import preemption, run_dir, runner, tracking
+from train.config import Config, parse_config
+from train.errors import UsageError, report_usage_error, report_write_error
+from train.files import DISK_ERRNOS
+from train.loop import EXIT_DIVERGED, Diverged, Stop, TrainState
+from train.models import ModelSpec, check_arch
+from train.preemption import EXIT_PREEMPTED
 
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
@@ -82,13 +86,14 @@ def run(cfg: Config) -> int:
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
+    run = runner.Run(cfg, accelerator, out, tracker, started)
     try:
         if not cfg.eval_only:
             spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
-            model, state, reason = runner.train(cfg, accelerator, data, spec, out, started, tracker)
-            if reason == "signal":
+            model, state, stop = runner.train(run, data, spec)
+            if stop is Stop.SIGNAL:
                 return EXIT_PREEMPTED
-        runner.test_and_report(cfg, accelerator, model, spec, state, data, out, started, tracker)
+        runner.test_and_report(run, model, spec, state, data)
     except Diverged as e:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr, flush=True)

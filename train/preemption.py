@@ -1,9 +1,9 @@
 """Stop cleanly on SIGTERM/SIGUSR1 (what Slurm sends before a time limit or preemption).
 
 `listen()` runs first thing in every training process, so a signal during data loading is kept,
-not fatal. The handler only records the signal. Every --log-every optimizer steps (and at epoch
-starts) every rank reports its flag and all stop together if any rank was signalled, so no rank is
-left waiting in a collective; the caller then writes a checkpoint and exits with EXIT_PREEMPTED.
+not fatal. The handler only records the signal; `requested()` reads it. The training loop agrees
+the processes' requests at its sync steps (train/loop.py), so all stop at the same step; the
+caller then writes a checkpoint and exits with EXIT_PREEMPTED.
 
 Under Slurm, slurm/common.sh sets CIFAR_ACCELERATE_PID_DIR: each training process writes its pid
 there, so the batch script signals exactly the training processes, whatever the launch command.
@@ -14,8 +14,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-
-import torch
 
 # EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
 # non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
@@ -56,21 +54,11 @@ def attempt() -> str:
     return f"slurm job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else f"pid {os.getpid()}"
 
 
-class StopFlag:
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        listen()  # main() already did, unless the loop is driven from elsewhere (benchmark, tests)
+def requested() -> bool:
+    """Whether this process received a stop signal."""
+    return _received is not None
 
-    @property
-    def signalled(self):
-        return _received
 
-    def should_stop(self, agree: bool = True) -> bool:
-        """One process: whether a signal came. Several: only where `agree` (the same steps on every rank),
-        whether any rank got one, by an all-reduce; elsewhere False, so every rank stops at the same step."""
-        if self.accelerator.num_processes == 1:
-            return _received is not None
-        if not agree:
-            return False
-        flag = torch.tensor([float(_received is not None)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+def signalled() -> str | None:
+    """The name of the first stop signal received, if any."""
+    return _received

@@ -18,11 +18,30 @@ from train.data import load_image_data, make_loader
 from train.ema import EMA
 from train.errors import PeerTimeout, UsageError
 from train.failpoints import delay, failpoint
-from train.loop import Hooks, Parts, TrainState, evaluate, fit, interactive
+from train.loop import Hooks, LoopConfig, Parts, Stop, TrainState, evaluate, fit, interactive
 from train.metrics import classification_metrics
 from train.models import ModelSpec, plain_model
 from train.optim import build_optimizer, build_scheduler, set_peak_lr
-from train.preemption import StopFlag
+
+
+@dataclasses.dataclass
+class Run:
+    """What train/main.py set up for one run: its options, processes, folder, tracker and start time."""
+
+    cfg: Config
+    accelerator: Accelerator
+    out: Path
+    tracker: tracking.Tracker
+    started: float  # time.time() when this attempt started
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, line: str) -> None:
+        """Print on the main process only: one line per run, not one per process."""
+        if self.is_main:
+            print(line, flush=True)
 
 
 def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
@@ -34,7 +53,8 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
             raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
-        model = torch.compile(model)
+        check_cuda_graphs(cfg.compile_mode, accelerator)
+        model = torch.compile(model, mode=cfg.compile_mode)
     train_loader, val_loader = accelerator.prepare(
         make_loader(data.train, cfg.batch_size, shuffle_seed=cfg.seed, num_workers=cfg.num_workers),
         make_loader(data.val, cfg.eval_batch_size, num_workers=cfg.num_workers))
@@ -42,7 +62,22 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, len(data.class_names))
+    train_transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
+                                     mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha,
+                                     num_classes=len(data.class_names))
+    return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, train_transform,
+                 BatchTransform(cfg.image_size), list(data.class_names))
+
+
+def check_cuda_graphs(mode: str, accelerator: Accelerator) -> None:
+    """Refuse the compile modes that capture CUDA graphs where they cannot run or were never verified."""
+    if mode not in ("reduce-overhead", "max-autotune"):
+        return
+    if accelerator.device.type != "cuda":
+        raise UsageError(f"--compile-mode {mode} captures CUDA graphs: it needs a GPU (on CPU: --compile-mode default)")
+    if accelerator.num_processes > 1:
+        raise UsageError(f"--compile-mode {mode} (CUDA graphs) is supported on one process only: it is not verified "
+                         f"with DDP; use --compile-mode default")
 
 
 def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
@@ -54,91 +89,98 @@ def restore(cfg: Config, checkpointer: Checkpointer) -> tuple:
 
 
 class RunHooks(Hooks):
-    """Keeps the best weights, writes metrics and checkpoints, and listens for preemption."""
+    """Keeps the best weights, writes metrics and checkpoints, prints progress and passes on stop signals."""
 
-    def __init__(self, cfg, parts: Parts, out: Path, checkpointer: Checkpointer, weights, spec, clock, tracker):
-        self.cfg, self.parts, self.out, self.checkpointer = cfg, parts, out, checkpointer
-        self.spec, self.clock, self.tracker, self.stop = spec, clock, tracker, StopFlag(parts.accelerator)
+    def __init__(self, run: Run, parts: Parts, checkpointer: Checkpointer, weights: dict, spec: ModelSpec,
+                 earlier_seconds: float):
+        self.run, self.cfg, self.parts, self.checkpointer, self.spec = run, run.cfg, parts, checkpointer, spec
+        self.earlier_seconds = earlier_seconds  # of the attempts before this one
         self.model = plain_model(parts.accelerator, parts.model)  # clean state dict keys, whatever the wrapping
-        self.best, self.ema = weights.get("best"), EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.best, self.ema = weights.get("best"), EMA(self.model, self.cfg.ema_decay) if self.cfg.ema_decay else None
         self.steps_taken = 0  # by this process: a resumed run takes only the steps its checkpoint lacked
         if self.ema and "ema" in weights:
             self.ema.load(weights["ema"])
+        preemption.listen()  # main() already did, unless the run is driven from elsewhere (tests)
+
+    def clock(self) -> float:
+        """Seconds of training in all attempts so far."""
+        return self.earlier_seconds + time.time() - self.run.started
 
     def save(self, state, preempted: bool = False):
         state.wall_seconds = self.clock()
         self.checkpointer.save(state, {"best": self.best, "ema": self.ema.cpu_state() if self.ema else None},
                                preempted)
 
-    def on_step(self, state, snapshot):
+    def on_step(self, state):
         self.steps_taken += 1
         if self.ema:
             self.ema.update(self.model)
         failpoint("kill_after_step", state.step)
-        every = self.cfg.checkpoint_every_steps
-        if every and state.step % every == 0:
-            snapshot()
-            self.save(state)
 
-    def on_log(self, state, values):
-        self.tracker.log(values, step=state.step)
-        if self.parts.accelerator.is_main_process and not interactive():
-            print(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}: loss {values['train/loss']:.4f}, "
-                  f"lr {values['train/lr']:.4g}, {values['train/images_per_second']:.0f} img/s", flush=True)
-
-    def on_epoch_end(self, state, record, improved):
-        self.tracker.log(tracking.epoch_values(record), step=state.step)
-        acc = self.parts.accelerator
-        if improved and self.ema:
-            self.ema.sync_buffers(acc)
-        if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
-            self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
-        if acc.is_main_process:
-            run_dir.append_metrics(self.out, record)
-            if improved:
-                save_model(self.best, self.out / run_dir.MODEL, self.spec)
+    def on_checkpoint(self, state):
         self.save(state)
 
-    def should_stop(self, agree=True):
-        return self.stop.should_stop(agree)
+    def on_log(self, state, values):
+        self.run.tracker.log(values, step=state.step)
+        if not interactive():
+            self.run.say(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}: loss "
+                         f"{values['train/loss']:.4f}, lr {values['train/lr']:.4g}, "
+                         f"{values['train/images_per_second']:.0f} img/s")
+
+    def on_epoch_end(self, state, record, improved):
+        self.run.tracker.log(tracking.epoch_values(record), step=state.step)
+        if improved and self.ema:
+            self.ema.sync_buffers(self.parts.accelerator)
+        if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
+            self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
+        if self.run.is_main:
+            run_dir.append_metrics(self.run.out, record)
+            if improved:
+                save_model(self.best, self.run.out / run_dir.MODEL, self.spec)
+        self.save(state)
+        self.run.say(f"epoch {record['epoch']}/{self.cfg.epochs}: train loss {record['train_loss']:.4f} "
+                     f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
+                     f"macro-F1 {record['val_f1_macro']:.4f} | {record['epoch_seconds']:.1f} s, "
+                     f"{record['images_per_second']:.0f} img/s")
+
+    def stop_requested(self):
+        return preemption.requested()
 
     def evaluation(self):
         return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
 
 
-def train(cfg: Config, accelerator: Accelerator, data, spec: ModelSpec, out: Path, started: float, tracker) -> tuple:
-    """Train (or continue training); return (model with the best weights, state, fit's reason)."""
+def train(run: Run, data, spec: ModelSpec) -> tuple:
+    """Train (or continue training); return (model with the best weights, state, why training stopped)."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     parts = build_parts(cfg, accelerator, data)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
     state, weights = restore(cfg, checkpointer)
-    if state.step and set_peak_lr(parts.scheduler, cfg.lr) and accelerator.is_main_process:
-        print(f"continuing with --lr {cfg.lr} (the checkpoint was trained with another)", flush=True)
-    if accelerator.is_main_process:
+    if state.step and set_peak_lr(parts.scheduler, cfg.lr):
+        run.say(f"continuing with --lr {cfg.lr} (the checkpoint was trained with another)")
+    if run.is_main:
         run_dir.write_metrics(out, state.history)  # a resumed run's history, without the epochs it will redo
     for record in state.history:  # W&B keeps the first copy of a step: this refills what a killed run lost
-        tracker.log(tracking.epoch_values(record), step=record["step"])
-    earlier = state.wall_seconds
-    hooks = RunHooks(cfg, parts, out, checkpointer, weights, spec,
-                     clock=lambda: earlier + time.time() - started, tracker=tracker)
+        run.tracker.log(tracking.epoch_values(record), step=record["step"])
+    hooks = RunHooks(run, parts, checkpointer, weights, spec, earlier_seconds=state.wall_seconds)
     first_step = state.step
-    reason = fit(parts, cfg, state, data.class_names, hooks)
+    stop = fit(parts, LoopConfig.from_config(cfg), state, hooks)
     state.wall_seconds = hooks.clock()
-    if accelerator.is_main_process:
-        print(f"{hooks.steps_taken} optimizer steps in this attempt (from step {first_step} to {state.step})",
-              flush=True)
-    if reason == "signal":
+    run.say(f"{hooks.steps_taken} optimizer steps in this attempt (from step {first_step} to {state.step})")
+    if stop is Stop.SIGNAL:
         hooks.save(state, preempted=True)
-        if accelerator.is_main_process:
-            (out / run_dir.MARKER).write_text(f"{hooks.stop.signalled} at step {state.step}; {preemption.attempt()}\n")
-            print(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}", flush=True)
+        if run.is_main:
+            (out / run_dir.MARKER).write_text(f"{preemption.signalled()} at step {state.step}; "
+                                              f"{preemption.attempt()}\n")
+        run.say(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}")
         # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
         # (status 75) ends the other nodes' tasks at once.
         accelerator.wait_for_everyone()
-        return parts.model, state, reason
-    if accelerator.is_main_process:  # also when a resumed run's best epoch came before the resume
+        return parts.model, state, stop
+    if run.is_main:  # also when a resumed run's best epoch came before the resume
         save_model(hooks.best, out / run_dir.MODEL, spec)
     hooks.model.load_state_dict(hooks.best)
-    return parts.model, state, reason
+    return parts.model, state, stop
 
 
 def eval_spec(cfg: Config) -> tuple:
@@ -165,12 +207,13 @@ def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list
     return build_trained(state_dict, spec, cfg.checkpoint)
 
 
-def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, started, tracker) -> None:
+def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
     test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
     transform = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)
     test = evaluate(accelerator, model, test_loader, transform, tta=cfg.tta)
     metrics = classification_metrics(test.preds, test.labels, data.class_names)
-    if not accelerator.is_main_process:
+    if not run.is_main:
         return
     trained = bool(state.history)
     summary = {"best_epoch": state.best_epoch if trained else None,
@@ -179,7 +222,7 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
                "test_per_class_accuracy": metrics["per_class_accuracy"],
                "confusion_matrix": metrics["confusion_matrix"], "num_test_samples": metrics["num_samples"],
                "epochs_trained": state.epoch, "steps": state.step,
-               "wall_seconds": state.wall_seconds or time.time() - started,
+               "wall_seconds": state.wall_seconds or time.time() - run.started,
                "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "val_is_test": data.val_is_test}
     if cfg.skip_bad_images:
@@ -187,11 +230,11 @@ def test_and_report(cfg, accelerator, model, spec: ModelSpec, state, data, out, 
     if cfg.tta:  # reported beside, never instead of, the plain numbers
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
-    run_dir.write_summary(out, summary)
-    report.write_all(out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
-    tracker.log_final(summary, data.class_names)
-    print(f"test accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f}"
-          f"{f' (best epoch {state.best_epoch})' if state.best_epoch else ''}; run folder {out}", flush=True)
+    run_dir.write_summary(run.out, summary)
+    report.write_all(run.out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
+    run.tracker.log_final(summary, data.class_names)
+    run.say(f"test accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f}"
+            f"{f' (best epoch {state.best_epoch})' if state.best_epoch else ''}; run folder {run.out}")
 
 
 def prepare_data(cfg: Config, accelerator: Accelerator):

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import yaml
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from train import run_dir  # noqa: E402
-from train.errors import UsageError, report_usage_error  # noqa: E402
+from train import run_dir
+from train.errors import UsageError, report_usage_error
 
 COLUMNS = ["run", "arch", "lr", "batch_size", "state", "epochs", "best_epoch", "best_val_f1_macro", "test_acc",
            "test_f1_macro", "wall_seconds"]
