@@ -6,7 +6,8 @@
 Every figure is the median of --repeats runs, and the two sides of each comparison alternate
 within one run, so a busy machine slows both alike. Sections:
   1. data path: decode-once + batched augmentation against per-item `with_transform` with
-     torchvision transforms, at 32 and 224 px; and the one-time decode of the train split
+     torchvision transforms, at 32 and 224 px; the one-time decode of the train split; and
+     AutoAugment/RandAugment/random erasing batched (train/policies.py) against torchvision per image
   2. loop overhead: the project's Accelerate loop (train/loop.py) against a minimal PyTorch loop
      over the same decoded tensors, same model, batch and precision
   3. service overhead: an epoch through train/main.py against the same minimal loop
@@ -122,6 +123,44 @@ def per_item_pipeline(ds, image_col, label_col, size: int, images: int):
                 break
         return seen / (time.perf_counter() - start)
     return run
+
+
+# ---- augmentation policies ---------------------------------------------------------------------
+
+def images_per_second(transform, batch: torch.Tensor, calls: int = 3):
+    """A side for median_alternating: `calls` calls of transform(batch), in images/s."""
+    def run():
+        start = time.perf_counter()
+        for _ in range(calls):
+            transform(batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        return calls * len(batch) / (time.perf_counter() - start)
+    return run
+
+
+def augmentation_policies(rows: Rows, device, repeats: int) -> None:
+    """train/policies.py (drawn per image, applied to the batch) against torchvision's transform called per
+    image (the path it replaced), batch 256 at 32 px: AutoAugment (CIFAR-10), RandAugment, random erasing."""
+    from torchvision.transforms import v2
+
+    from train.policies import AutoAugment, RandAugment, RandomErasing
+
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device=device)
+    cases = (("AutoAugment (CIFAR-10)", AutoAugment(), v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), images),
+             ("RandAugment (2 ops, magnitude 9)", RandAugment(), v2.RandAugment(), images),
+             ("random erasing (p 0.5)", RandomErasing(0.5), v2.RandomErasing(0.5), images.float()))
+    for name, batched, torchvision, batch in cases:
+        def per_image(batch, torchvision=torchvision):
+            return torch.stack([torchvision(image) for image in batch])
+
+        sides = {"batched": images_per_second(batched, batch), "per image": images_per_second(per_image, batch)}
+        for run in sides.values():
+            run()  # tables, kernels and allocator warm-up
+        got = median_alternating(sides, repeats)
+        rows.append((f"{name}, batch 256 at 32 px: batched vs per image",
+                     f"{got['batched']:,.0f} vs {got['per image']:,.0f} img/s", "",
+                     f"{got['batched'] / got['per image']:.1f}×"))
 
 
 # ---- loops ------------------------------------------------------------------------------------
@@ -244,6 +283,8 @@ def main():
         rows.append((f"data path {size} px: ours vs per-item with_transform",
                      f"{got['ours']:,.0f} vs {got['per-item']:,.0f} img/s",
                      "≥ 10×" if size == 32 else "", f"{got['ours'] / got['per-item']:.1f}×"))
+
+    augmentation_policies(rows, device, args.repeats)
 
     from accelerate import Accelerator
 

@@ -28,8 +28,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the checkout itself, withou
 } 2>&1 | tee "$results/machine.txt"
 
 status=0
-timeout 250 python3 -m pytest tests/test_gpu.py -m gpu -v -p no:cacheprovider --durations=0 \
-    --junitxml="$results/gpu-tests.xml" 2>&1 | tee "$results/gpu-tests.log" || status=1
+timeout 250 python3 -m pytest tests/test_gpu.py tests/test_policies.py -m gpu -v -p no:cacheprovider \
+    --durations=0 --junitxml="$results/gpu-tests.xml" 2>&1 | tee "$results/gpu-tests.log" || status=1
 bench=(--synthetic 20000)
 [ -n "${DATASET:-}" ] && bench=(--dataset "$DATASET")
 timeout 200 python3 bench/bench.py "${bench[@]}" --repeats 3 --steps 30 --out "$results/bench.md" 2>&1 \

@@ -36,8 +36,9 @@ def test_every_command_starts(command):
 
 
 def test_main_without_the_package_installed_says_how_to_fix_it():
-    # -S: no site-packages, so neither the editable install of `train` nor anything else is importable.
-    proc = subprocess.run([sys.executable, "-S", "train/main.py", "--help"], cwd=ROOT, env=child_env(),
+    # -S: no site-packages, so neither the editable install of `train` nor anything else is importable;
+    # -I: nor PYTHONPATH.
+    proc = subprocess.run([sys.executable, "-I", "-S", "train/main.py", "--help"], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: the `train` package is not importable: install the project")

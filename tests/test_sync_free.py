@@ -40,7 +40,9 @@ def reads_per_epoch(parts_for, host_reads, **options) -> int:
     return sum(host_reads.values())
 
 
-@pytest.mark.parametrize("extra", [{}, {"clip_grad_norm": 1.0, "grad_accum_steps": 2}])
+@pytest.mark.parametrize("extra", [{}, {"clip_grad_norm": 1.0, "grad_accum_steps": 2},
+                                   {"auto_augment": "autoaugment", "random_erasing": 0.5},
+                                   {"auto_augment": "randaugment", "random_erasing": 0.5}])
 def test_host_reads_do_not_grow_with_the_steps(parts_for, host_reads, extra):
     few = reads_per_epoch(parts_for, host_reads, max_steps=2, log_every=1000, **extra)
     many = reads_per_epoch(parts_for, host_reads, max_steps=6, log_every=1000, **extra)

@@ -37,9 +37,10 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
 class BatchTransform:
     """uint8 (B, 3, H, W) -> normalised float (B, 3, size, size); `train_batch` also augments.
 
-    Training augmentation, per image unless noted: crop with padding and flip; optionally
-    AutoAugment (torchvision's CIFAR-10 policy) or RandAugment on the uint8 image; random erasing
-    on the normalised image; MixUp/CutMix (torchvision's, per batch), which turn labels into soft targets.
+    Training augmentation, drawn per image unless noted and applied to the whole batch: crop with
+    padding and flip; optionally AutoAugment (torchvision's CIFAR-10 policy) or RandAugment on the uint8
+    image and random erasing on the normalised image (train/policies.py: torchvision's definitions);
+    MixUp/CutMix (torchvision's, per batch), which turn labels into soft targets.
     """
 
     def __init__(self, image_size: int, train: bool = False, padding: int = 4, policy: str = "none",
@@ -47,11 +48,13 @@ class BatchTransform:
                  mean: tuple = MEAN, std: tuple = STD):
         from torchvision.transforms import v2
 
+        from train.policies import AutoAugment, RandAugment, RandomErasing
+
         self.image_size, self.train, self.padding = image_size, train, padding
         self.mean, self.std, self._on_device = mean, std, {}
-        self.policy = {"autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-                       "randaugment": v2.RandAugment()}.get(policy)
-        self.erasing = v2.RandomErasing(p=erasing) if erasing else None
+        policies = {"autoaugment": AutoAugment, "randaugment": RandAugment}
+        self.policy = policies[policy]() if policy in policies else None
+        self.erasing = RandomErasing(p=erasing) if erasing else None
         mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
                  ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
         self.mix = v2.RandomChoice(mixers) if mixers else None
@@ -59,8 +62,8 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.train:
             images = random_crop_flip(images, self.padding)
-            if self.policy:  # torchvision draws one op per call: call it per image
-                images = torch.stack([self.policy(image) for image in images])
+            if self.policy:
+                images = self.policy(images)
         x = images.float().div_(255)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -68,7 +71,7 @@ class BatchTransform:
         mean, std = self._statistics(x.device)
         x = x.sub_(mean).div_(std)
         if self.train and self.erasing:
-            x = torch.stack([self.erasing(image) for image in x])
+            x = self.erasing(x)
         # cuDNN's convolutions are fastest on NHWC; on CPU the default layout does as well.
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 

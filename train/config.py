@@ -49,7 +49,8 @@ class Config:
                              "(one GPU; for small batches, whose steps are launch-bound)",
                              choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     tta: bool = _opt(False, "also report test metrics with horizontal-flip test-time augmentation")
-    auto_augment: str = _opt("none", "per-image policy after crop/flip", choices=("none", "autoaugment", "randaugment"))
+    auto_augment: str = _opt("none", "augmentation policy after crop/flip, drawn per image",
+                             choices=("none", "autoaugment", "randaugment"))
     random_erasing: float = _opt(0.0, "probability of random erasing per image (0: off)")
     mixup_alpha: float = _opt(0.0, "MixUp alpha (0: off); with --cutmix-alpha one of the two per batch")
     cutmix_alpha: float = _opt(0.0, "CutMix alpha (0: off)")
