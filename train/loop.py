@@ -4,7 +4,8 @@ The loop owns every collective of training. A step only launches work; at the st
 (every `log_every` and `checkpoint_every` optimizer steps, a stop request of a single process, and the
 end of an epoch) one gather brings every process's running totals, its first non-finite step and its
 stop request to every process. Hooks are then called with plain values, on every process at the same
-step, and never communicate themselves (saving a checkpoint, which all processes do together, aside).
+step; on_step, on_log and stop_requested never communicate (on_checkpoint and on_epoch_end may: all
+processes write a checkpoint together).
 """
 
 import contextlib
