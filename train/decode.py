@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from train.errors import UsageError
@@ -54,11 +53,23 @@ def choose_policy(commons: list, decode_size: int, image_size: int) -> Policy:
     return Policy(decode_size or image_size, resize=True)
 
 
-def check_memory(images: int, policy: Policy, where: str) -> None:
+def memory_needed(images: int, policy: Policy, workers: int = 0) -> int:
+    """Bytes decode_all needs at its peak for `images` images under `policy` with `workers` (counted as decode_all
+    counts them): the output, plus, when decoding in parallel, the chunks in flight, one per worker, about 3
+    chunks' bytes each: its encoded images (cut at about the bytes they decode to) pickled here while they
+    are sent, and in the worker as received and as unpickled, then decoded there (measured: 3.2 with random
+    pixels, whose PNGs are as large as their pixels). Decoded chunks are read straight into the output.
+    PIL's own buffers, for one image at a time, are not counted."""
+    per_image, rows = _image_bytes(policy), _chunk_rows(policy)
+    workers = _workers(workers, -(-images // rows))
+    return images * per_image + (0 if workers <= 1 else 3 * workers * rows * per_image)
+
+
+def check_memory(images: int, policy: Policy, where: str, workers: int = 0) -> None:
     """Refuse, with the numbers and the options, a decode that would not fit in this machine's memory."""
     import psutil
 
-    needed = images * 3 * policy.size ** 2
+    needed = memory_needed(images, policy, workers)
     available = psutil.virtual_memory().available
     if needed > 0.8 * available:
         raise UsageError(f"{where}: decoding {images} images at {policy.size}x{policy.size} needs "
@@ -71,56 +82,201 @@ def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: i
     """(uint8 (N, 3, S, S), indices of the rows kept or None when all were), decoded by `workers` processes
     (0: one per CPU this process may use). Each chunk of rows lands in its own place, so the result is the
     same whatever the number of workers. Processes rather than threads: for small images PIL's Python
-    code, not its GIL-free C decoder, takes most of the time."""
-    import multiprocessing
+    code, not its GIL-free C decoder, takes most of the time.
 
-    global _WORK
-    out = np.empty((len(raw), policy.size, policy.size, 3), dtype=np.uint8)
-    chunks = [(start, min(start + CHUNK, len(raw))) for start in range(0, len(raw), CHUNK)]
-    workers = min(workers or len(os.sched_getaffinity(0)), len(chunks))
-    _WORK = (raw, policy)  # forked workers inherit it: the encoded images are not pickled to them
-    try:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                results = list(pool.imap_unordered(_decode_chunk, chunks))
-        else:
-            results = [_decode_chunk(chunk) for chunk in chunks]
-    finally:
-        _WORK = None
-    failures = []
-    for start, decoded, failed in results:
-        out[start:start + len(decoded)] = decoded
-        failures += failed
-    for i, error in sorted(failures):  # in row order
+    Memory: the output is allocated once, in its final layout, and each chunk is written into it as it
+    arrives; rows left out are compacted in place and the result is a view of its first rows. The peak is
+    memory_needed(len(raw), policy, workers)."""
+    import torch
+
+    out = np.empty((len(raw), 3, policy.size, policy.size), dtype=np.uint8)
+    chunks = _chunks(raw, policy)
+    workers = _workers(workers, len(chunks))
+    if workers > 1 and sys.executable:  # workers are interpreters: none where Python is embedded
+        failures = _decode_parallel(raw, policy, chunks, workers, out)
+    else:
+        failures = _decode_rows(raw, policy, out, 0)
+    failures.sort()  # in row order
+    for i, error in failures:
         path = f" ({raw[i]['path']})" if raw[i].get("path") else ""
         if not skip_bad:
             raise UsageError(f"{where}, row {i}{path}: cannot decode the image ({error}); fix or remove it, "
                              "or pass --skip-bad-images to leave such rows out")
         print(f"warning: {where}, row {i}{path}: undecodable image skipped ({skipped_because}): {error}",
               file=sys.stderr, flush=True)
-    rows = None
-    if failures:
-        rows = torch.tensor(sorted(set(range(len(raw))) - {i for i, _ in failures}), dtype=torch.long)
-        out = out[rows.numpy()]
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), rows
+    if not failures:
+        return torch.from_numpy(out), None
+    bad = [i for i, _ in failures]
+    keep = np.ones(len(raw), dtype=bool)
+    keep[bad] = False
+    return torch.from_numpy(_compact(out, bad)), torch.from_numpy(np.flatnonzero(keep).astype(np.int64))
 
 
-CHUNK = 2048  # images a worker decodes per task
-_WORK = None
+CHUNK = 2048  # at most this many images per task
+CHUNK_BYTES = 4 << 20  # and at most this many bytes of decoded (and of encoded) images per task
 
 
-def _decode_chunk(bounds: tuple) -> tuple:
-    """(start, uint8 (n, S, S, 3), [(row, error text)]) for rows start..stop of the work."""
-    raw, policy = _WORK
-    start, stop = bounds
-    out = np.zeros((stop - start, policy.size, policy.size, 3), dtype=np.uint8)
-    failed = []
-    for i in range(start, stop):
+def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out: np.ndarray) -> list:
+    """Decode `chunks` of `raw` into `out` with `workers` worker processes; [(row, error text)].
+
+    The workers are fresh interpreters running _serve (subprocess: fork and exec in C, which is safe in a
+    multi-threaded process, unlike os.fork, which multiprocessing's "fork" uses and Python 3.12 warns about).
+    Not multiprocessing's "forkserver" or "spawn": every one of their workers re-runs the main script
+    (train/main.py, a benchmark), its PyTorch import and all, seconds a worker, since the fork server's
+    "__main__" preload did nothing until CPython gh-126631 was fixed (3.14; 3.13 in 2025). These import
+    only numpy, PIL and this module.
+
+    One thread per worker hands it one chunk at a time, its encoded images pickled, and reads the decoded
+    chunk straight into its rows of `out`: in flight, per worker, one task here and the task and its
+    decoded chunk in the worker."""
+    import pickle
+    import subprocess
+    import threading
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where this `train` package is
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); import train.decode as d; d._serve()"]
+    todo, lock, failures, errors = iter(chunks), threading.Lock(), [], []
+
+    def feed(worker):
         try:
-            out[i - start] = _decode(raw[i], policy)
+            while not errors:
+                with lock:
+                    bounds = next(todo, None)
+                if bounds is None:
+                    return
+                start, stop = bounds
+                _write_message(worker.stdin, pickle.dumps((raw[start:stop], policy, start), pickle.HIGHEST_PROTOCOL))
+                failures.extend(pickle.loads(_read_message(worker.stdout)))
+                _read_exactly(worker.stdout, memoryview(out[start:stop]).cast("B"))
+        except BaseException as e:  # a worker that died (EOF, broken pipe) or this process interrupted
+            errors.append(e)
+        finally:
+            try:
+                worker.stdin.close()  # the worker's signal to exit
+            except OSError:  # it is gone already
+                pass
+
+    pool = []
+    try:
+        for _ in range(workers):
+            pool.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        threads = [threading.Thread(target=feed, args=(worker,), daemon=True) for worker in pool]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        for worker in pool:
+            worker.kill()
+        raise
+    finally:
+        codes = [worker.wait() for worker in pool]
+    if errors:
+        raise RuntimeError(f"a decode worker failed (exit statuses {codes}; its error, if any, is above): "
+                           f"{type(errors[0]).__name__}: {errors[0]}")
+    return failures
+
+
+def _serve() -> None:
+    """A decode worker: decodes the chunks sent on stdin (_decode_parallel) until stdin closes; writes, for each, the
+    failed rows and the decoded bytes. Its own prints, if any, go to stderr, not into the results."""
+    import pickle
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us by closing stdin
+    results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    tasks = sys.stdin.buffer
+    while (task := _read_message(tasks)) is not None:
+        items, policy, start = pickle.loads(task)
+        del task
+        out = np.empty((len(items), 3, policy.size, policy.size), dtype=np.uint8)
+        failed = _decode_rows(items, policy, out, start)
+        del items
+        _write_message(results, pickle.dumps(failed))
+        results.write(memoryview(out).cast("B"))
+        results.flush()
+        del out
+
+
+def _write_message(stream, payload: bytes) -> None:
+    stream.write(len(payload).to_bytes(8, "little"))
+    stream.write(payload)
+    stream.flush()
+
+
+def _read_message(stream):
+    """The next message's bytes, or None at the end of the stream (between messages)."""
+    header = stream.read(8)
+    if not header:
+        return None
+    if len(header) < 8:
+        raise EOFError("the other end closed mid-message")
+    payload = bytearray(int.from_bytes(header, "little"))
+    _read_exactly(stream, memoryview(payload))
+    return payload
+
+
+def _read_exactly(stream, view: memoryview) -> None:
+    while len(view):
+        n = stream.readinto(view)
+        if not n:
+            raise EOFError("the other end closed mid-message")
+        view = view[n:]
+
+
+def _decode_rows(items: list, policy: Policy, out: np.ndarray, start: int) -> list:
+    """Decode `items` into `out` (one (3, S, S) row each), [(row, error text)] for those that fail; rows are
+    numbered from `start`. A failed row is left as it was."""
+    failed = []
+    for j, item in enumerate(items):
+        try:
+            out[j] = _decode(item, policy).transpose(2, 0, 1)
         except DECODE_ERRORS as e:  # as text: not every exception survives the trip back from a worker
-            failed.append((i, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
-    return start, out, failed
+            failed.append((start + j, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
+    return failed
+
+
+def _compact(out: np.ndarray, bad: list) -> np.ndarray:
+    """The rows of `out` not in `bad` (sorted), moved in place to its front: a view of its first rows."""
+    flat, row = out.reshape(-1), out[0].size  # 1-D: numpy moves overlapping same-direction data without a copy
+    kept = bad[0]
+    for k, b in enumerate(bad):
+        stop = bad[k + 1] if k + 1 < len(bad) else len(out)
+        if stop > b + 1:
+            flat[kept * row:(kept + stop - b - 1) * row] = flat[(b + 1) * row:stop * row]
+            kept += stop - b - 1
+    return out[:kept]
+
+
+def _chunks(raw: list, policy: Policy) -> list:
+    """[(start, stop)] rows per task: _chunk_rows(policy) rows at most, cut early once their encoded images reach
+    the bytes a full chunk decodes to (large files resized down)."""
+    rows, limit = _chunk_rows(policy), _chunk_rows(policy) * _image_bytes(policy)
+    chunks, start, size = [], 0, 0
+    for i, item in enumerate(raw):
+        size += len(item.get("bytes") or b"")
+        if i + 1 - start == rows or size >= limit:
+            chunks.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(raw):
+        chunks.append((start, len(raw)))
+    return chunks
+
+
+def _chunk_rows(policy: Policy) -> int:
+    return max(1, min(CHUNK, CHUNK_BYTES // _image_bytes(policy)))
+
+
+def _image_bytes(policy: Policy) -> int:
+    return 3 * policy.size ** 2
+
+
+def _workers(workers: int, chunks: int) -> int:
+    """Processes decode_all uses for `workers` (0: one per CPU this process may use) and that many chunks."""
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(workers, chunks)
 
 
 def _decode(item, policy: Policy) -> np.ndarray:
