@@ -6,6 +6,10 @@ end of an epoch) one gather brings every process's running totals, its first non
 stop request to every process. Hooks are then called with plain values, on every process at the same
 step; on_step, on_log and stop_requested never communicate (on_checkpoint and on_epoch_end may: all
 processes write a checkpoint together).
+
+"Only launches work" holds for the loop's own code, and so for bf16 and fp32 steps. Two things below it
+wait on the host every step: fp16's GradScaler reads `found_inf` with the non-fused optimizers fp16 needs
+(train/optim.py), and SyncBatchNorm (--sync-bn, DDP on GPUs) reads its per-process counts once per layer.
 """
 
 import contextlib
@@ -181,7 +185,7 @@ def _exchange(accelerator: Accelerator, values: torch.Tensor, stop: bool) -> tup
 
 class _Running:
     """This process's running totals and divergence record of an epoch. They stay on the device, so a step
-    never waits for it; `sync` reads them, for all processes at once."""
+    never waits for them; `sync` reads them, for all processes at once."""
 
     def __init__(self, accelerator: Accelerator, start: Totals, step: int):
         self.accelerator, device = accelerator, accelerator.device
@@ -189,12 +193,15 @@ class _Running:
         self.step = torch.tensor(step, device=device)
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first non-finite loss
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.totals[0] += loss * len(labels)  # Python numbers go to the kernel: no host-to-device copy
-        self.totals[1] += (logits.argmax(1) == labels).sum()
-        self.totals[2] += len(labels)
-        self.first_bad.copy_(torch.where((self.first_bad == 0) & ~torch.isfinite(loss), self.step + 1,
+    def add(self, loss: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+            real: int) -> None:
+        """Count the batch's first `real` samples (the others are DDP's padding, see _real_samples); `loss` is
+        the batch's mean loss, the one trained on."""
+        losses = losses.detach()
+        self.totals[0] += losses[:real].sum()
+        self.totals[1] += (logits[:real].argmax(1) == labels[:real]).sum()
+        self.totals[2] += real  # Python numbers go to the kernel: no host-to-device copy
+        self.first_bad.copy_(torch.where((self.first_bad == 0) & ~torch.isfinite(loss.detach()), self.step + 1,
                                          self.first_bad))
 
     def sync(self, stop: bool, epoch: int, lr: float) -> tuple:
@@ -206,18 +213,29 @@ class _Running:
         return [Totals(*row[:3]) for row in rows], stop
 
 
+def _real_samples(accelerator: Accelerator, batch: int) -> int:
+    """How many of this process's batch are images of the split rather than padding. Under DDP Accelerate
+    evens out the last round of batches with images from the start of the epoch; they are trained on, as
+    DDP must, but counted once: the real ones come first, in process order (as gather_for_metrics assumes)."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return batch
+    return max(0, min(batch, state.remainder - accelerator.process_index * batch))
+
+
 def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labels) -> None:
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     with accelerator.accumulate(model):
         inputs, targets = parts.train_transform.train_batch(images, labels)
         logits = model(inputs)
-        loss = F.cross_entropy(logits, targets, label_smoothing=loop.label_smoothing)
+        losses = F.cross_entropy(logits, targets, label_smoothing=loop.label_smoothing, reduction="none")
+        loss = losses.mean()
         accelerator.backward(loss)
         if accelerator.sync_gradients and loop.clip_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), loop.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    running.add(loss, logits, labels)
+    running.add(loss, losses, logits, labels, _real_samples(accelerator, len(labels)))
 
 
 def _batches(parts: Parts, state: TrainState):
