@@ -27,6 +27,9 @@ CASES = {
     "compile mode without compile": (["--compile-mode", "reduce-overhead"], {}, "needs --compile"),
     "cuda graphs on cpu": (["--dataset", "{good}", "--arch", "resnet18", "--compile", "--compile-mode",
                             "reduce-overhead"], {"CUDA_VISIBLE_DEVICES": ""}, "captures CUDA graphs: it needs a GPU"),
+    # Checked before the device: the same on a GPU, where the second micro-batch would read overwritten gradients.
+    "cuda graphs with accumulation": (["--compile", "--compile-mode", "reduce-overhead", "--grad-accum-steps", "2"],
+                                      {}, "(CUDA graphs) cannot accumulate gradients"),
     "mixup alpha": (["--mixup-alpha", "-1"], {}, "--mixup-alpha must be >= 0"),
     # torchvision downloads ImageNet weights at run time; with no route out that must be one line too.
     "pretrained offline": (["--dataset", "{good}", "--arch", "resnet18", "--pretrained"],

@@ -106,3 +106,28 @@ def test_running_totals_read_every_checkpoint_format(saved):
     assert state.partial == [Totals(2.5, 3.0, 4.0)]
     assert TrainState(**dataclasses.asdict(state)).partial == state.partial  # what a checkpoint round trip does
     assert sum(state.partial * 2, Totals()) == Totals(5.0, 6.0, 8.0) and state.partial[0].accuracy == 0.75
+
+
+def test_compiled_training_has_one_static_graph_per_batch_size(parts_for, monkeypatch):
+    """230 training images in batches of 16 leave a short last batch of 6. It gets a static graph of its own,
+    and later full batches go on using theirs; dynamo's default would recompile at the 6 with a symbolic batch
+    size and run every later batch, and evaluation, through that dynamic-shape graph."""
+    import torch
+
+    graphs = []  # (batch size, whether any input is symbolic) per graph dynamo compiled
+
+    def backend(gm, example_inputs):  # dynamo's decisions are the same for any backend; this one runs eagerly
+        images = next(x for x in example_inputs if isinstance(x, torch.Tensor) and x.shape[1:] == (3, 32, 32))
+        graphs.append((images.shape[0], any(isinstance(x, torch.SymInt) for x in example_inputs)))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **options: compile_(model, backend=backend,
+                                                                                        **options))
+    torch._dynamo.reset()
+    try:
+        _, parts = parts_for(compile=True)
+        assert fit(parts, LoopConfig(epochs=2, log_every=1000), TrainState(), Hooks()) is Stop.FINISHED
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [(16, False), (6, False), (26, False)]  # train, the short last batch, validation (eval mode)

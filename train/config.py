@@ -17,6 +17,10 @@ import yaml
 from train.errors import UsageError
 
 
+# torch.compile modes whose inductor output replays CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -123,6 +127,12 @@ class Config:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.compile_mode != "default" and not self.compile:
             raise UsageError(f"--compile-mode {self.compile_mode} needs --compile")
+        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum_steps > 1:
+            # A replay overwrites the graph's outputs, the previous micro-batch's gradients among them
+            # (pytorch/pytorch#169545): accumulating them would read overwritten memory.
+            raise UsageError(f"--compile-mode {self.compile_mode} (CUDA graphs) cannot accumulate gradients: each "
+                             f"replay overwrites the last micro-batch's; use --grad-accum-steps 1 (a larger "
+                             f"--batch-size) or --compile-mode default")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.resume == "auto" and not self.output_dir:

@@ -5,7 +5,8 @@ step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint;
 enospc_during_save:2 makes that write fail as on a full disk.
 CIFAR_ACCELERATE_DELAY=preempted_save:20 sleeps 20 s halfway through writing the checkpoint of a
 preemption (save:20: of every other checkpoint); data_prep:8 sleeps 8 s while a node prepares the
-data (on the process that prepares it).
+data (on the process that prepares it). NAME@R:SECONDS sleeps at that point on global rank R only,
+whichever process the point otherwise means (data_prep@1:8: rank 1, before it prepares or waits).
 Unset (always, outside tests), they do nothing.
 """
 
@@ -26,7 +27,9 @@ def failpoint(name: str, count: int, path=None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def delay(name: str) -> None:
+def delay(name: str, here: bool = True) -> None:
+    """Sleep at point `name`: NAME:S where the caller says `here`, NAME@R:S on global rank R only."""
     point, _, seconds = os.environ.get(DELAY_ENV, "").partition(":")
-    if point == name:
+    point, _, rank = point.partition("@")
+    if point == name and (os.environ.get("RANK", "0") == rank if rank else here):
         time.sleep(float(seconds))

@@ -74,6 +74,8 @@ def run(cfg: Config) -> int:
     check_arch(cfg.arch)  # before minutes of data loading
     track = tracking.wanted(cfg)
     accelerator = make_accelerator(cfg, track)
+    if cfg.compile:
+        runner.check_cuda_graphs(cfg.compile_mode, accelerator)  # before minutes of data loading
     out = resolve_output_dir(cfg, accelerator)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
@@ -87,20 +89,25 @@ def run(cfg: Config) -> int:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
     run = runner.Run(cfg, accelerator, out, tracker, started)
+    code = 0
     try:
         if not cfg.eval_only:
             spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
             model, state, stop = runner.train(run, data, spec)
             if stop is Stop.SIGNAL:
-                return EXIT_PREEMPTED
-        runner.test_and_report(run, model, spec, state, data)
+                code = EXIT_PREEMPTED
+        if code == 0:
+            runner.test_and_report(run, model, spec, state, data)
     except Diverged as e:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
+        code = EXIT_DIVERGED
     finally:
         tracker.finish()
-    return 0
+    # Every rank, W&B on or off (Accelerate's end_training, less the trackers closed above). Not after an
+    # exception: that process reports its error and exits, its peers may be inside a collective.
+    accelerator.state.destroy_process_group()
+    return code
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,10 @@ the best weights, write metrics and checkpoints and listen for preemption, then 
 train/main.py only sets up the process (accelerator, run folder, tracker) and calls these."""
 
 import dataclasses
+import re
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ from accelerate import Accelerator
 from train import preemption, report, run_dir, tracking
 from train.augment import BatchTransform
 from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model
-from train.config import Config
+from train.config import CUDA_GRAPH_MODES, Config
 from train.data import load_image_data, make_loader
 from train.ema import EMA
 from train.errors import PeerTimeout, UsageError
@@ -52,9 +54,6 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
         if accelerator.device.type != "cuda":
             raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        check_cuda_graphs(cfg.compile_mode, accelerator)
-        model = torch.compile(model, mode=cfg.compile_mode)
     train_loader, val_loader = accelerator.prepare(
         make_loader(data.train, cfg.batch_size, shuffle_seed=cfg.seed, num_workers=cfg.num_workers),
         make_loader(data.val, cfg.eval_batch_size, num_workers=cfg.num_workers))
@@ -62,6 +61,8 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.compile:
+        model = compile_model(model, cfg.compile_mode)
     train_transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
                                      mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha,
                                      num_classes=len(data.class_names))
@@ -69,9 +70,21 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
                  BatchTransform(cfg.image_size), list(data.class_names))
 
 
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile what Accelerate prepared, as its own dynamo_backend does: compiling the DDP module lets
+    dynamo's DDPOptimizer split the graph at DDP's bucket boundaries, so gradient all-reduces overlap the
+    backward (a compiled module inside DDP produces every gradient at once, at the end).
+
+    dynamic=False: one static graph per input shape. The short last batch of an epoch (and of validation)
+    compiles a graph of its own instead of turning every later batch into a dynamic-shape graph, which
+    dynamo's automatic_dynamic_shapes would do at the first new size. Every image is still trained on."""
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 def check_cuda_graphs(mode: str, accelerator: Accelerator) -> None:
-    """Refuse the compile modes that capture CUDA graphs where they cannot run or were never verified."""
-    if mode not in ("reduce-overhead", "max-autotune"):
+    """Refuse the compile modes that capture CUDA graphs where they cannot run or were never verified.
+    Called before the data loads (gradient accumulation is refused earlier, in Config.validate)."""
+    if mode not in CUDA_GRAPH_MODES:
         return
     if accelerator.device.type != "cuda":
         raise UsageError(f"--compile-mode {mode} captures CUDA graphs: it needs a GPU (on CPU: --compile-mode default)")
@@ -241,29 +254,75 @@ def prepare_data(cfg: Config, accelerator: Accelerator):
     """Load and decode the dataset: first the local main process of each node (the hub download, the Arrow
     and decode caches are per node), then the node's other processes, from those caches."""
     first = accelerator.is_local_main_process
+    deadline = None
+    if accelerator.num_processes > 1:
+        side_group(cfg)  # collective: every process is here at about the same time, so one clock starts
+        deadline = time.monotonic() + cfg.dist_timeout
+    delay("data_prep", here=first)
     if not first:
-        wait_for_peers(cfg, accelerator, "preparing the data")
-    else:
-        delay("data_prep")
+        wait_for_peers(cfg, accelerator, "preparing the data", deadline)
     data = load_image_data(cfg)
     if first:
-        wait_for_peers(cfg, accelerator, "preparing the data")
+        wait_for_peers(cfg, accelerator, "preparing the data", deadline)
     side = data.train.images.shape[-1]
     if accelerator.is_main_process and max(side / cfg.image_size, cfg.image_size / side) >= 4:
         print(f"warning: images are decoded at {side}x{side} and trained at {cfg.image_size}x{cfg.image_size}: "
               "check --image-size (and --decode-size)", file=sys.stderr, flush=True)
     if cfg.limit_batches:
         data.limit(cfg.limit_batches, cfg.batch_size, cfg.eval_batch_size, accelerator.num_processes)
-    if cfg.gpu_resident:
-        data.place(accelerator.device)
+    if cfg.gpu_resident and accelerator.device.type == "cuda" and not data.place(accelerator.device):
+        if accelerator.is_main_process:
+            print("warning: the decoded images do not fit in half of the GPU's free memory: they stay in pinned "
+                  "host memory and are copied to the GPU per batch", file=sys.stderr,
+                  flush=True)
     return data
 
 
-def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str) -> None:
+_side_group = (None, None)  # (the default process group, the gloo group made over its processes)
+
+
+def side_group(cfg: Config):
+    """A gloo group of every process, made once per process group; collective: all ranks call it together.
+
+    The data-preparation wait runs on it whatever the training backend: under NCCL torch's watchdog aborts a
+    timed-out collective (SIGABRT) before Python hears of it, while gloo's monitored_barrier raises, and on
+    rank 0 names the ranks that did not arrive. The group's timeout is how long the other ranks wait for
+    rank 0: longer than rank 0's own deadline, so that rank 0, which knows who is missing, speaks first.
+    """
+    global _side_group
+    world = torch.distributed.group.WORLD
+    if _side_group[0] is not world:
+        seconds = cfg.dist_timeout + min(cfg.dist_timeout, 60)
+        try:
+            _side_group = (world, torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=seconds)))
+        except RuntimeError as e:  # gloo binds the address the hostname resolves to, unless told otherwise
+            raise UsageError(f"the processes could not connect over gloo ({str(e).strip().splitlines()[0]}): set "
+                             f"GLOO_SOCKET_IFNAME to the network interface the nodes reach each other on") from None
+    return _side_group[1]
+
+
+def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str, deadline: float | None) -> None:
+    """Wait until every process is here: rank 0 until `deadline` (time.monotonic()), then it names the processes
+    that did not arrive; the others until rank 0 answers. One process: nothing to wait for."""
+    if accelerator.num_processes == 1:
+        return
+    rank = accelerator.process_index
+    wait = max(deadline - time.monotonic(), 2.0)  # rank 0 late itself: the others may still be waiting
+    entered = time.monotonic()
     try:
-        accelerator.wait_for_everyone()
-    except RuntimeError as e:  # gloo and NCCL report a timeout or a vanished peer this way
-        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            raise PeerTimeout(f"process {accelerator.process_index} waited more than --dist-timeout "
-                              f"{cfg.dist_timeout} s for the others {doing}; raise --dist-timeout") from None
+        torch.distributed.monitored_barrier(group=side_group(cfg), timeout=timedelta(seconds=wait),
+                                            wait_all_ranks=True)
+    except RuntimeError as e:
+        text = str(e)
+        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if rank == 0 and missing:
+            who = f"process{'es' if ',' in missing.group(1) else ''} {missing.group(1)}"
+            if time.monotonic() - entered < wait - 0.5:  # before the timeout: it failed or left
+                raise UsageError(f"{who} failed or left while {doing}: see its message") from None
+            raise PeerTimeout(f"process 0 waited more than --dist-timeout {cfg.dist_timeout} s for {who} {doing}; "
+                              f"raise --dist-timeout") from None
+        if rank != 0 and "timed out" in text.lower():
+            # Rank 0 did not answer; had it been waiting for another process it would have said so and left first.
+            raise PeerTimeout(f"process {rank} waited more than --dist-timeout {cfg.dist_timeout} s for process 0 "
+                              f"{doing}; raise --dist-timeout") from None
         raise UsageError(f"another process failed or left while {doing}: see its message") from None

@@ -155,9 +155,12 @@ class Tracker:
             _warn(f"final logging failed ({_first_line(e)}); the run folder has every result")
 
     def finish(self) -> None:
+        """Close the W&B run. Only that: the caller ends the process group (the other half of Accelerate's
+        end_training), on every rank, W&B on or off."""
         if self.active:
             try:
-                self.accelerator.end_training()
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             except Exception as e:
                 _warn(f"closing the run failed ({_first_line(e)})")
 
