@@ -2,23 +2,27 @@
 
     python bench/bench.py --dataset ../shared/datasets/cifar10 [--out docs/benchmarks.md]
     python bench/bench.py --synthetic 20000                      # generated data, no dataset needed
+    python bench/bench.py --synthetic 20000 --sections gpu-models,small-batch   # some sections, in this order
 
 Every figure is the median of --repeats runs, and the two sides of each comparison alternate
-within one run, so a busy machine slows both alike. Sections:
-  1. data path: decode-once + batched augmentation against per-item `with_transform` with
-     torchvision transforms, at 32 and 224 px; the one-time decode of the train split; and
-     AutoAugment/RandAugment/random erasing batched (train/policies.py) against torchvision per image
-  2. loop overhead: the project's Accelerate loop (train/loop.py) against a minimal PyTorch loop
-     over the same decoded tensors, same model, batch and precision
-  3. service overhead: an epoch through train/main.py against the same minimal loop
-  4. GPU only: per model at 32 and 224 px (bf16, batch 256), train/loop.py's train_one_epoch over
-     Accelerate-prepared loaders of GPU-resident data against the same model stepping on one synthetic
-     tensor; MobileNetV2's ms/step at batch 16/224 px and 128/32 px eager, compiled and with CUDA graphs
-     (--compile-mode reduce-overhead), and the seed preset's projected training time
+within one run, so a busy machine slows both alike. Each row is printed, and --out rewritten, as soon
+as it is measured: a run cut short keeps what it measured. Sections (--sections, default all):
+  decode       the one-time decode of the train split, one process against one per CPU
+  data         decode-once + batched augmentation against per-item `with_transform` with torchvision
+               transforms, at 32 and 224 px
+  policies     AutoAugment/RandAugment/random erasing batched (train/policies.py) against torchvision per image
+  loop         the project's Accelerate loop (train/loop.py) against a minimal PyTorch loop; both sides
+               have the same model, optimizer, memory format, precision and data placement
+  service      a marginal epoch of train/main.py (a 3-epoch run minus a 1-epoch run: no start-up, no
+               autotuning) against the same minimal loop
+  gpu-models   GPU only: per model at 32 and 224 px (bf16, batch 256), train_one_epoch over
+               Accelerate-prepared loaders of GPU-resident data against the same model stepping on one tensor
+  small-batch  GPU only: MobileNetV2's ms/step at batch 16/224 px (the seed recipe, with its projected
+               training time) and 128/32 px, eager, compiled and with CUDA graphs (--compile-mode
+               reduce-overhead), dynamo reset between configurations
 """
 
 import argparse
-import json
 import os
 import platform
 import runpy
@@ -43,11 +47,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Rows(list):
-    """The table's rows, each printed as soon as it is measured: a run cut short keeps what it measured."""
+    """The table's rows, each printed, and written to `out` with its header, as soon as it is measured:
+    a run cut short keeps what it measured."""
+
+    def __init__(self, out: str = "", header: tuple = ()):
+        super().__init__()
+        self.out, self.header = out, list(header)
 
     def append(self, row: tuple) -> None:
         print("| " + " | ".join(row) + " |", flush=True)
         super().append(row)
+        self.write()
+
+    def write(self) -> None:
+        if self.out:
+            table = ["| measurement | result | target | ratio |", "|---|---|---|---|"]
+            Path(self.out).write_text("\n".join(self.header + table + [f"| {' | '.join(r)} |" for r in self]) + "\n")
 
 
 def median_alternating(sides: dict, repeats: int) -> dict:
@@ -76,11 +91,12 @@ def load_train_split(args):
     raw = encoded_images(ds, image_col)
     policy = choose_policy([common_size(raw)], 0, 32)
     seconds, decoded = {}, {}
-    for workers in (1, 0):  # serial, then one process per CPU (0): the result must be the same
+    for workers in (1, 0) if args.time_decode else (0,):  # serial, then one process per CPU: the same result
         start = time.perf_counter()
         decoded[workers], _ = decode_all(raw, policy, "train", skip_bad=False, workers=workers)
         seconds[workers] = time.perf_counter() - start
-    assert torch.equal(decoded[0], decoded[1]), "parallel decode differs from serial"
+    if args.time_decode:
+        assert torch.equal(decoded[0], decoded[1]), "parallel decode differs from serial"
     images = decoded[0]
     labels = torch.tensor(ds[label_col], dtype=torch.long)
     return ds, image_col, label_col, Split(images, labels), seconds
@@ -165,21 +181,32 @@ def augmentation_policies(rows: Rows, device, repeats: int) -> None:
 
 # ---- loops ------------------------------------------------------------------------------------
 
-def plain_loop(split: Split, arch: str, steps: int, device, precision: str):
-    """The minimal PyTorch loop: random batches of the decoded tensor, same augmentation, SGD."""
+def model_and_optimizer(arch: str, device, mixed_precision: str):
+    """The model and optimizer as train/main.py builds them on `device`: channels_last and fused SGD on CUDA."""
+    from train.optim import build_optimizer
+
+    cfg = Config(arch=arch, lr=0.01, weight_decay=0.0, scheduler="none")  # the optimizer's settings
     model = build_model(arch, 10).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_optimizer(cfg, model, mixed_precision), cfg
+
+
+def plain_loop(split: Split, arch: str, steps: int, device, precision: str):
+    """The minimal PyTorch loop: random batches of the decoded tensor (wherever `split` lives), the same
+    augmentation, model, optimizer and autocast as the loop it is compared with."""
+    model, opt, _ = model_and_optimizer(arch, device, precision)
     transform = BatchTransform(32, train=True)
-    images = split.images.to(device)
-    labels = split.labels.to(device)
+    images, labels = split.images, split.labels
 
     def run():
         model.train()
         start = time.perf_counter()
         for _ in range(steps):
-            idx = torch.randint(0, len(labels), (128,), device=device)
+            idx = torch.randint(0, len(labels), (128,), device=labels.device)
+            x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = F.cross_entropy(model(transform(images[idx])), labels[idx])
+                loss = F.cross_entropy(model(transform(x)), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -193,19 +220,18 @@ def loop_sides(accelerator, split: Split, arch: str, size: int, batch: int, step
     """(real, synthetic): functions returning images/s over `steps` batches of `batch`.
     real: train/loop.py's train_one_epoch, as train/main.py drives it, over an Accelerator-prepared loader of
     `split` (GPU-resident when `split` is on the GPU); synthetic: the same prepared model and optimizer stepping
-    on one random tensor — the speed of the model alone."""
+    on one random tensor — the speed of the model alone. A compile mode compiles as train/main.py does."""
     from train.loop import Hooks, LoopConfig, Parts, TrainState, train_one_epoch
-    from train.optim import build_optimizer, build_scheduler
+    from train.optim import build_scheduler
+    from train.runner import compile_model
 
     device = accelerator.device
-    cfg = Config(arch=arch, lr=0.01, weight_decay=0.0, scheduler="none")  # the optimizer's settings
-    model = build_model(arch, 10).to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
-    if compile_mode:
-        model = torch.compile(model, mode=compile_mode)
+    model, optimizer, cfg = model_and_optimizer(arch, device, accelerator.mixed_precision)
     loader = accelerator.prepare(make_loader(split.subset(range(steps * batch)), batch, shuffle_seed=0))
-    optimizer = build_optimizer(cfg, model, accelerator.mixed_precision)
     scheduler = build_scheduler(cfg, optimizer, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if compile_mode:
+        model = compile_model(model, compile_mode)
     parts = Parts(accelerator, model, optimizer, scheduler, loader, None, BatchTransform(size, train=True),
                   BatchTransform(size), [str(i) for i in range(10)])
     state = TrainState()
@@ -235,120 +261,185 @@ def loop_sides(accelerator, split: Split, arch: str, size: int, batch: int, step
     return timed(real), timed(synthetic)
 
 
+def fresh(accelerator) -> None:
+    """Between configurations: drop the Accelerator's references to earlier models and dynamo's shape history
+    (which would make the next configuration compile dynamic-shape graphs)."""
+    accelerator.free_memory()
+    torch._dynamo.reset()
+
+
 def service_epoch(args, arch: str, steps: int, precision: str):
-    """A one-epoch run of train/main.py on `steps` batches: its own train-phase images/s and epoch time."""
-    def run():
+    """A marginal epoch of train/main.py: a 3-epoch run minus a 1-epoch run, both of `steps` batches of 128 an
+    epoch, divided by 2. Start-up, CUDA initialisation and cuDNN autotuning fall in both and cancel; what is left
+    is an epoch as the service runs it: training, validation (a ninth of the training images, as CIFAR-10's
+    45,000/5,000), metrics, checkpoint. Returns images/s of training per marginal epoch."""
+    def seconds(epochs: int) -> float:
         with tempfile.TemporaryDirectory() as out:
             # Same threads as this process: without the flag `accelerate launch` sets OMP_NUM_THREADS=1.
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1",
                    "--num_cpu_threads_per_process", str(torch.get_num_threads()),
                    "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", precision,
-                   str(ROOT / "train" / "main.py"), "--dataset", args.dataset, "--arch", arch, "--epochs", "1",
-                   "--batch-size", "128", "--limit-batches", str(steps), "--output-dir", f"{out}/run",
-                   "--no-wandb", "--log-every", "10"]
+                   str(ROOT / "train" / "main.py"), "--dataset", args.dataset, "--arch", arch, "--epochs", str(epochs),
+                   "--batch-size", "128", "--limit-batches", str(steps), "--val-images", str(max(64, steps * 128 // 9)),
+                   "--output-dir", f"{out}/run", "--no-wandb", "--log-every", "10"]
+            start = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            record = json.loads((Path(out) / "run" / "metrics.jsonl").read_text().splitlines()[0])
-        service.append(record)
-        return record["images_per_second"]
-    service = []
-    return run, service
+            return time.perf_counter() - start
+
+    def run():
+        marginal = (seconds(3) - seconds(1)) / 2
+        epochs.append(marginal)
+        return steps * 128 / marginal
+    epochs = []
+    return run, epochs
 
 
-# ---- the report -------------------------------------------------------------------------------
+# ---- sections ----------------------------------------------------------------------------------
+
+SECTIONS = ("decode", "data", "policies", "loop", "service", "gpu-models", "small-batch")
+
+
+def section_decode(ctx) -> None:
+    seconds = ctx.decode_seconds
+    ctx.rows.append((f"decode the train split once: 1 process vs {len(os.sched_getaffinity(0))}",
+                     f"{len(ctx.split):,} images in {seconds[1]:.1f} s vs {seconds[0]:.1f} s "
+                     f"({len(ctx.split) / seconds[0]:,.0f} img/s)", "≤ 10 s", f"{seconds[1] / seconds[0]:.1f}×"))
+
+
+def section_data(ctx) -> None:
+    for size, images in ((32, 4096), (224, 1024)):
+        got = median_alternating({"ours": project_pipeline(ctx.split, size, images * 4, ctx.device),
+                                  "per-item": per_item_pipeline(ctx.ds, ctx.image_col, ctx.label_col, size, images)},
+                                 ctx.args.repeats)
+        ctx.rows.append((f"data path {size} px: ours vs per-item with_transform",
+                         f"{got['ours']:,.0f} vs {got['per-item']:,.0f} img/s",
+                         "≥ 10×" if size == 32 else "", f"{got['ours'] / got['per-item']:.1f}×"))
+
+
+def section_policies(ctx) -> None:
+    augmentation_policies(ctx.rows, ctx.device, ctx.args.repeats)
+
+
+def section_loop(ctx) -> None:
+    args, accelerator = ctx.args, ctx.accelerator()
+    real, _ = loop_sides(accelerator, ctx.placed(), args.arch, 32, 128, args.steps)
+    plain = plain_loop(ctx.placed(), args.arch, args.steps, ctx.device, ctx.precision)
+    real(), plain()  # cuDNN autotuning and allocator warm-up, for both
+    got = median_alternating({"accelerate": real, "plain": plain}, args.repeats)
+    ctx.rows.append((f"loop: Accelerate loop vs plain PyTorch ({args.arch}, 32 px, batch 128, {ctx.precision})",
+                     f"{got['accelerate']:,.0f} vs {got['plain']:,.0f} img/s", "≥ 0.97×",
+                     f"{got['accelerate'] / got['plain']:.2f}×"))
+    fresh(accelerator)
+
+
+def section_service(ctx) -> None:
+    args = ctx.args
+    service_run, epochs = service_epoch(args, args.arch, args.steps, ctx.precision)
+    plain = plain_loop(ctx.placed(), args.arch, args.steps, ctx.device, ctx.precision)
+    plain()  # warm-up
+    got = median_alternating({"service": service_run, "plain": plain}, args.repeats)
+    ctx.rows.append((f"service: a marginal train/main.py epoch ({args.steps} batches + validation) vs plain loop",
+                     f"{got['service']:,.0f} vs {got['plain']:,.0f} img/s (marginal epoch: "
+                     f"{statistics.median(epochs):.2f} s)", "≥ 0.90×", f"{got['service'] / got['plain']:.2f}×"))
+
+
+def section_gpu_models(ctx) -> None:
+    """The real loop over GPU-resident data against the model alone, per model and input size (bf16, batch 256)."""
+    if ctx.device.type != "cuda":
+        ctx.rows.append(("per-model GPU throughput, pipeline vs synthetic", "needs a GPU", "≥ 0.9×", "not run"))
+        return
+    accelerator = ctx.accelerator()
+    for arch in ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18"):
+        for size in (32, 224):
+            real, synthetic = loop_sides(accelerator, ctx.placed(), arch, size, 256, 20)
+            real(), synthetic()  # cuDNN autotuning and allocator warm-up
+            got = median_alternating({"real": real, "synthetic": synthetic}, ctx.args.repeats)
+            ctx.rows.append((f"GPU {arch} {size} px, {accelerator.mixed_precision}, batch 256: "
+                             "train_one_epoch vs model alone",
+                             f"{got['real']:,.0f} vs {got['synthetic']:,.0f} img/s "
+                             f"({256e3 / got['real']:.1f} vs {256e3 / got['synthetic']:.1f} ms/step)", "≥ 0.9×",
+                             f"{got['real'] / got['synthetic']:.2f}×"))
+            fresh(accelerator)
+
+
+def section_small_batch(ctx) -> None:
+    """ms/step of small-batch steps eager, compiled and with CUDA graphs; the seed preset's projection first."""
+    if ctx.device.type != "cuda":
+        ctx.rows.append(("small-batch ms/step: eager / compiled / CUDA graphs", "needs a GPU", "< 8 ms", "not run"))
+        return
+    accelerator = ctx.accelerator()
+    for batch, size, steps in ((16, 224, 100), (128, 32, 100)):
+        ms = {}
+        for mode in ("", "default", "reduce-overhead"):
+            fresh(accelerator)  # each configuration compiles static graphs from scratch
+            real, _ = loop_sides(accelerator, ctx.placed(), "mobilenet_v2", size, batch, steps, compile_mode=mode)
+            real()  # compilation, graph capture
+            ms[mode or "eager"] = batch * 1e3 / statistics.median(real() for _ in range(ctx.args.repeats))
+            print(f"  mobilenet_v2 batch {batch}, {size} px, {mode or 'eager'}: {ms[mode or 'eager']:.2f} ms/step",
+                  flush=True)
+        best = min(ms, key=ms.get)
+        ctx.rows.append((f"GPU mobilenet_v2 batch {batch}, {size} px: ms/step eager / compiled / CUDA graphs",
+                         " / ".join(f"{v:.2f}" for v in ms.values()), "< 8 ms" if batch == 16 else "",
+                         f"best: {best}"))
+        if batch == 16:  # configs/seed-mobilenet_v2.yaml: 30 epochs of 2,500 steps
+            ctx.rows.append(("seed preset (mobilenet_v2, batch 16, 224 px, 75,000 training steps), projected",
+                             f"{75_000 * ms[best] / 60e3:.1f} min with {best}", "< 10 min", ""))
+    fresh(accelerator)
+
+
+class Context:
+    """What the sections share: the data (decoded once), the device, one Accelerator, the table."""
+
+    def __init__(self, args, rows: Rows):
+        self.args, self.rows = args, rows
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = "bf16" if self.device.type == "cuda" else "no"
+        self.ds, self.image_col, self.label_col, self.split, self.decode_seconds = load_train_split(args)
+        self._accelerator, self._placed = None, None
+
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(mixed_precision=self.precision, step_scheduler_with_optimizer=False)
+        return self._accelerator
+
+    def placed(self) -> Split:
+        """The decoded split where train/main.py keeps it: on the GPU when there is one."""
+        if self._placed is None:
+            self._placed = self.split.to(self.device)
+        return self._placed
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="uoft-cs/cifar10")
     parser.add_argument("--synthetic", type=int, default=0, help="generate this many training images instead")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--arch", default="resnet18", help="model of the loop comparisons")
+    parser.add_argument("--arch", default="resnet18", help="model of the loop and service comparisons")
     parser.add_argument("--steps", type=int, default=40, help="batches of 128 per loop and service measurement")
-    parser.add_argument("--out", default="", help="also write the table to this markdown file")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, run in the order given: {', '.join(SECTIONS)}")
+    parser.add_argument("--out", default="", help="also write the table to this markdown file, row by row")
     args = parser.parse_args()
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    args.time_decode = "decode" in sections
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = "bf16" if device.type == "cuda" else "no"
     torch.backends.cudnn.benchmark = True
-    rows = Rows()
-    ds, image_col, label_col, split, decode_s = load_train_split(args)
-    threads = len(os.sched_getaffinity(0))
-    rows.append((f"decode the train split once: 1 process vs {threads}",
-                 f"{len(split):,} images in {decode_s[1]:.1f} s vs {decode_s[0]:.1f} s "
-                 f"({len(split) / decode_s[0]:,.0f} img/s)", "≤ 10 s", f"{decode_s[1] / decode_s[0]:.1f}×"))
-
-    for size, images in ((32, 4096), (224, 1024)):
-        got = median_alternating({"ours": project_pipeline(split, size, images * 4, device),
-                                  "per-item": per_item_pipeline(ds, image_col, label_col, size, images)},
-                                 args.repeats)
-        rows.append((f"data path {size} px: ours vs per-item with_transform",
-                     f"{got['ours']:,.0f} vs {got['per-item']:,.0f} img/s",
-                     "≥ 10×" if size == 32 else "", f"{got['ours'] / got['per-item']:.1f}×"))
-
-    augmentation_policies(rows, device, args.repeats)
-
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
-    real, _ = loop_sides(accelerator, split, args.arch, 32, 128, args.steps)
-    got = median_alternating({"accelerate": real, "plain": plain_loop(split, args.arch, args.steps, device, precision)},
-                             args.repeats)
-    rows.append((f"loop: Accelerate loop vs plain PyTorch ({args.arch}, 32 px, batch 128, {precision})",
-                 f"{got['accelerate']:,.0f} vs {got['plain']:,.0f} img/s", "≥ 0.97×",
-                 f"{got['accelerate'] / got['plain']:.2f}×"))
-
-    service_run, records = service_epoch(args, args.arch, args.steps, precision)
-    plain = plain_loop(split, args.arch, args.steps, device, precision)
-    got = median_alternating({"service": service_run, "plain": plain}, args.repeats)
-    epoch_s = statistics.median(r["epoch_seconds"] for r in records)
-    rows.append((f"service: train/main.py epoch ({args.steps} batches) vs plain loop",
-                 f"{got['service']:,.0f} vs {got['plain']:,.0f} img/s (epoch with validation: {epoch_s:.1f} s)",
-                 "≥ 0.90×", f"{got['service'] / got['plain']:.2f}×"))
-
-    if device.type == "cuda":
-        gpu_models(rows, accelerator, split, args.repeats)
-    else:
-        rows.append(("per-model GPU throughput, pipeline vs synthetic", "needs a GPU", "≥ 0.9×", "not run"))
-
-    table = ["| measurement | result | target | ratio |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    header = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}; torch {torch.__version__}; "
-              f"dataset {args.dataset if not args.synthetic else f'{args.synthetic} generated images'}; "
-              f"median of {args.repeats}.", "",
-              f"Command: `python bench/bench.py {' '.join(sys.argv[1:])}`", ""]
-    text = "\n".join(header + table) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-
-
-def gpu_models(rows: Rows, accelerator, split: Split, repeats: int) -> None:
-    """The real loop over GPU-resident data against the model alone, per model and input size (bf16, batch 256);
-    then ms/step of small-batch steps eager, compiled and with CUDA graphs, and the seed preset's projection."""
-    resident = split.to(accelerator.device)
-    for arch in ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18"):
-        for size in (32, 224):
-            real, synthetic = loop_sides(accelerator, resident, arch, size, 256, 20)
-            real(), synthetic()  # cuDNN autotuning and allocator warm-up
-            got = median_alternating({"real": real, "synthetic": synthetic}, repeats)
-            rows.append((f"GPU {arch} {size} px, {accelerator.mixed_precision}, batch 256: "
-                         "train_one_epoch vs model alone",
-                         f"{got['real']:,.0f} vs {got['synthetic']:,.0f} img/s "
-                         f"({256e3 / got['real']:.1f} vs {256e3 / got['synthetic']:.1f} ms/step)", "≥ 0.9×",
-                         f"{got['real'] / got['synthetic']:.2f}×"))
-    for batch, size, steps in ((16, 224, 100), (128, 32, 100)):
-        ms = {}
-        for mode in ("", "default", "reduce-overhead"):
-            real, _ = loop_sides(accelerator, resident, "mobilenet_v2", size, batch, steps, compile_mode=mode)
-            real()  # compilation, graph capture
-            ms[mode or "eager"] = batch * 1e3 / statistics.median(real() for _ in range(repeats))
-        best = min(ms, key=ms.get)
-        rows.append((f"GPU mobilenet_v2 batch {batch}, {size} px: ms/step eager / compiled / CUDA graphs",
-                     " / ".join(f"{v:.2f}" for v in ms.values()), "< 8 ms" if batch == 16 else "",
-                     f"best: {best}"))
-        if batch == 16:  # configs/seed-mobilenet_v2.yaml: 30 epochs of 2,500 steps
-            rows.append(("seed preset (mobilenet_v2, batch 16, 224 px, 75,000 training steps), projected",
-                         f"{75_000 * ms[best] / 60e3:.1f} min with {best}", "< 10 min", ""))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    header = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; "
+              f"torch {torch.__version__}; dataset "
+              f"{args.dataset if not args.synthetic else f'{args.synthetic} generated images'}; "
+              f"median of {args.repeats}.", "", f"Command: `python bench/bench.py {' '.join(sys.argv[1:])}`", ""]
+    rows = Rows(args.out, header)
+    rows.write()
+    ctx = Context(args, rows)
+    for name in sections:
+        globals()[f"section_{name.replace('-', '_')}"](ctx)
+    print("\n".join(header))
 
 
 if __name__ == "__main__":
