@@ -213,17 +213,24 @@ class _Running:
         return [Totals(*row[:3]) for row in rows], stop
 
 
-def _real_samples(accelerator: Accelerator, batch: int) -> int:
+def _real_samples(accelerator: Accelerator, batch: int, remainder: int) -> int:
     """How many of this process's batch are images of the split rather than padding. Under DDP Accelerate
     evens out the last round of batches with images from the start of the epoch; they are trained on, as
-    DDP must, but counted once: the real ones come first, in process order (as gather_for_metrics assumes)."""
-    state = accelerator.gradient_state
-    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+    DDP must, but counted once: the `remainder` real ones of that round come first, in process order (as
+    gather_for_metrics assumes)."""
+    if accelerator.num_processes == 1 or not accelerator.gradient_state.end_of_dataloader or remainder <= 0:
         return batch
-    return max(0, min(batch, state.remainder - accelerator.process_index * batch))
+    return max(0, min(batch, remainder - accelerator.process_index * batch))
 
 
-def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labels) -> None:
+def _last_round(loader) -> int:
+    """Images in the last round of batches of a prepared training loader (0: every round is full). Not
+    Accelerate's gradient_state.remainder: for a resumed epoch's skip_first_batches loader it divides by
+    one process's batch instead of all processes' batches."""
+    return loader.total_dataset_length % loader.total_batch_size
+
+
+def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labels, remainder: int) -> None:
     accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     with accelerator.accumulate(model):
         inputs, targets = parts.train_transform.train_batch(images, labels)
@@ -235,7 +242,7 @@ def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labe
             accelerator.clip_grad_norm_(model.parameters(), loop.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    running.add(loss, losses, logits, labels, _real_samples(accelerator, len(labels)))
+    running.add(loss, losses, logits, labels, _real_samples(accelerator, len(labels), remainder))
 
 
 def _batches(parts: Parts, state: TrainState):
@@ -256,6 +263,7 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
     if state.batch_in_epoch == 0:
         state.partial, state.partial_seconds = [], 0.0
     running = _Running(accelerator, _resumed_totals(state.partial, accelerator), state.step)
+    remainder = _last_round(parts.train_loader)
     batches = _batches(parts, state)
     # A live bar on terminals only: in a Slurm log or CI its carriage-return frames are noise (the run
     # prints a plain line every --log-every steps instead: RunHooks.on_log in runner.py).
@@ -272,7 +280,7 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
     try:
         for images, labels in batches:
             torch.manual_seed(step_seed(loop.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
-            _train_batch(parts, loop, running, images, labels)
+            _train_batch(parts, loop, running, images, labels, remainder)
             state.batch_in_epoch += 1
             bar.update()
             if not accelerator.sync_gradients:
