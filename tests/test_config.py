@@ -54,3 +54,17 @@ def test_help_lists_every_option_once_in_its_section():
         assert f"\n{title}:\n" in text
     augmentation = text.split("\naugmentation:\n")[1].split("\noptimisation:\n")[0]
     assert "--mixup-alpha" in augmentation and "--ema-decay" not in augmentation
+
+
+def test_options_as_a_wandb_agent_passes_them():
+    """`wandb agent` runs the program with --<parameter>=<value>, named as in the sweep file (batch_size)."""
+    cfg = parse_config(["--batch_size=64", "--lr=0.01", "--auto_augment=randaugment", "--no-gpu_resident",
+                        "--epochs=2"])
+    assert (cfg.batch_size, cfg.lr, cfg.auto_augment, cfg.gpu_resident, cfg.epochs) == (64, 0.01, "randaugment",
+                                                                                          False, 2)
+    assert {"batch_size", "lr", "auto_augment", "gpu_resident", "epochs"} <= cfg.given
+    cfg = parse_config(["--cifar_stem=True", "--compile=false", "--tta=True", "--gpu_resident=False"])
+    assert (cfg.cifar_stem, cfg.compile, cfg.tta, cfg.gpu_resident) == (True, False, True, False)
+    assert parse_config(["--tta", "--no-compile"]).tta and not parse_config(["--no-compile"]).compile
+    with pytest.raises(UsageError, match="expected true or false, got 'maybe'"):
+        parse_config(["--tta=maybe"])

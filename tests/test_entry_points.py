@@ -28,7 +28,8 @@ def test_no_entry_point_edits_sys_path():
 
 
 @pytest.mark.parametrize("command", [["train/main.py"], ["-m", "train.main"], ["-m", "train.predict"],
-                                     ["-m", "train.export"], ["-m", "train.compare"], ["-m", "train.sweep_summary"]])
+                                     ["-m", "train.export"], ["-m", "train.compare"], ["-m", "train.sweep_summary"],
+                                     ["-m", "train.sweep"]])
 def test_every_command_starts(command):
     proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=120)

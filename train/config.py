@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -95,6 +96,8 @@ class Config:
     wandb_group: str = _opt("", "W&B group (default: sweep-<array job id> under a Slurm array)")
     run_name: str = _opt("", "W&B run name (default: <arch>-lr<lr>-bs<batch>[-job<Slurm job>])")
     tags: str = _opt("", "comma-separated W&B tags")
+    sweep_dir: str = _opt("", "set by python -m train.sweep: the sweep folder whose study this run reports to")
+    trial_number: int = _opt(-1, "set by python -m train.sweep: this run's trial in that study")
     eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
     checkpoint: str = _opt("", "with --eval-only: a model.safetensors file or a run folder holding one")
 
@@ -137,6 +140,8 @@ class Config:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.resume == "auto" and not self.output_dir:
             raise UsageError("--resume auto needs --output-dir: the run folder to continue")
+        if bool(self.sweep_dir) != (self.trial_number >= 0):
+            raise UsageError("--sweep-dir and --trial-number go together (python -m train.sweep sets both)")
         if self.eval_only and not self.checkpoint:
             raise UsageError("--eval-only needs --checkpoint PATH (a model.safetensors or a run folder)")
         return self
@@ -157,6 +162,7 @@ GROUPS = {
     "evaluation": ["tta", "eval_only", "checkpoint"],
     "run control": ["output_dir", "max_steps", "limit_batches", "log_every", "dist_timeout"],
     "checkpoints": ["resume", "checkpoint_every_steps", "keep_checkpoints"],
+    "sweep (set by python -m train.sweep)": ["sweep_dir", "trial_number"],
     "tracking (Weights & Biases)": ["wandb", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "run_name",
                                     "tags"],
 }
@@ -180,13 +186,39 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
         for f in (by_name[name] for name in names):
-            flag, help = f"--{_flag(f.name)}", f.metadata["help"]
             default = argparse.SUPPRESS if only_given else f.default
-            if f.type is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-            else:
-                group.add_argument(flag, type=f.type, default=default, help=help, choices=f.metadata.get("choices"))
+            _add_option(group, f"--{_flag(f.name)}", f, default, f.metadata["help"])
+            if "_" in f.name:  # a W&B sweep agent passes --<parameter>=<value>, named as in the sweep file
+                _add_option(group, f"--{f.name}", f, argparse.SUPPRESS, argparse.SUPPRESS)
     return parser
+
+
+def _add_option(group, flag: str, f, default, help) -> None:
+    if f.type is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
+    else:
+        group.add_argument(flag, dest=f.name, type=f.type, default=default, help=help,
+                           choices=f.metadata.get("choices"))
+
+
+def _agent_booleans(argv: list) -> list:
+    """`wandb agent` gives a boolean parameter a value (--cifar_stem=True); argparse's switches take none."""
+    switches = {f.name for f in fields(Config) if f.type is bool}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        name = flag[2:].replace("-", "_")
+        out.append(f"--{'' if _truth(value) else 'no-'}{_flag(name)}" if arg.startswith("--") and eq and
+                   name in switches else arg)
+    return out
+
+
+def _truth(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise UsageError(f"expected true or false, got {text!r} (see --help)")
 
 
 def load_yaml_options(path: str) -> dict:
@@ -225,6 +257,7 @@ def _coerce(path, key, value, kind):
 
 
 def parse_config(argv=None) -> Config:
+    argv = _agent_booleans(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")

@@ -37,6 +37,7 @@ class Stop(enum.Enum):
     FINISHED = "finished"  # ran to its end: the epoch (train_one_epoch) or the last epoch (fit)
     MAX_STEPS = "max_steps"  # --max-steps reached
     SIGNAL = "signal"  # a process was asked to stop (preemption): the caller writes a checkpoint
+    PRUNED = "pruned"  # a sweep's pruner stopped the trial after a validated epoch (train/study.py)
 
 
 @dataclass
@@ -137,6 +138,11 @@ class Hooks:
 
     def stop_requested(self) -> bool:
         """Whether this process was asked to stop (e.g. by a signal); the loop agrees it with the others."""
+        return False
+
+    def prune_requested(self) -> bool:
+        """Whether training should end after the epoch just validated (a sweep's pruner, which only rank 0
+        asks); the loop agrees it with the others before the next epoch, in the exchange it makes anyway."""
         return False
 
 
@@ -342,8 +348,12 @@ def validate_epoch(parts: Parts, state: TrainState, totals: Totals, seconds: flo
 def fit(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Stop:
     """Train and validate epoch by epoch from `state` until the last epoch, `max_steps` or an agreed stop."""
     while state.epoch < loop.epochs and not (loop.max_steps and state.step >= loop.max_steps):
-        if _exchange(parts.accelerator, torch.zeros(0, device=parts.accelerator.device), hooks.stop_requested())[1]:
+        pruned = torch.full((1,), float(hooks.prune_requested()), device=parts.accelerator.device)
+        rows, asked = _exchange(parts.accelerator, pruned, hooks.stop_requested())
+        if asked:
             return Stop.SIGNAL  # asked during validation
+        if any(row[0] for row in rows):
+            return Stop.PRUNED
         epoch = train_one_epoch(parts, loop, state, hooks)
         if epoch.stop is Stop.SIGNAL:
             return epoch.stop

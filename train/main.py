@@ -89,7 +89,7 @@ def run(cfg: Config) -> int:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
     run = runner.Run(cfg, accelerator, out, tracker, started)
-    code = 0
+    code, stop = 0, Stop.FINISHED
     try:
         if not cfg.eval_only:
             spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
@@ -97,7 +97,7 @@ def run(cfg: Config) -> int:
             if stop is Stop.SIGNAL:
                 code = EXIT_PREEMPTED
         if code == 0:
-            runner.test_and_report(run, model, spec, state, data)
+            runner.test_and_report(run, model, spec, state, data, stop)
     except Diverged as e:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr, flush=True)

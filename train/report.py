@@ -57,6 +57,8 @@ def _pct(x) -> str:
 def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note: dict) -> None:
     lines = [f"# {cfg['arch']} on {cfg['dataset']}", "", "| result | value |", "|---|---|"]
     if history:
+        if summary.get("pruned_at_epoch"):
+            lines += [f"| sweep trial | pruned at epoch {summary['pruned_at_epoch']} of {cfg['epochs']} |"]
         lines += [f"| best epoch (by validation macro-F1) | {summary['best_epoch']} of {len(history)} |",
                   f"| best validation macro-F1 | {summary['best_val_f1_macro']:.4f} |"]
     else:

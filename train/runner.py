@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from train import preemption, report, run_dir, tracking
+from train import preemption, report, run_dir, study, tracking
 from train.augment import BatchTransform
 from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model
 from train.config import CUDA_GRAPH_MODES, Config
@@ -113,6 +113,10 @@ class RunHooks(Hooks):
         self.steps_taken = 0  # by this process: a resumed run takes only the steps its checkpoint lacked
         if self.ema and "ema" in weights:
             self.ema.load(weights["ema"])
+        # A sweep's trial: rank 0 reports each epoch to the study, and stops where its pruner says.
+        self.reporter = study.TrialReporter(self.cfg.sweep_dir, self.cfg.trial_number) \
+            if self.cfg.sweep_dir and run.is_main else None
+        self.pruned = False
         preemption.listen()  # main() already did, unless the run is driven from elsewhere (tests)
 
     def clock(self) -> float:
@@ -151,6 +155,8 @@ class RunHooks(Hooks):
             if improved:
                 save_model(self.best, self.run.out / run_dir.MODEL, self.spec)
         self.save(state)
+        if self.reporter:
+            self.pruned = self.reporter.epoch_end(record)
         self.run.say(f"epoch {record['epoch']}/{self.cfg.epochs}: train loss {record['train_loss']:.4f} "
                      f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
                      f"macro-F1 {record['val_f1_macro']:.4f} | {record['epoch_seconds']:.1f} s, "
@@ -158,6 +164,9 @@ class RunHooks(Hooks):
 
     def stop_requested(self):
         return preemption.requested()
+
+    def prune_requested(self):
+        return self.pruned
 
     def evaluation(self):
         return self.ema.swapped_in(self.model) if self.ema else super().evaluation()
@@ -190,6 +199,8 @@ def train(run: Run, data, spec: ModelSpec) -> tuple:
         # (status 75) ends the other nodes' tasks at once.
         accelerator.wait_for_everyone()
         return parts.model, state, stop
+    if stop is Stop.PRUNED:
+        run.say(f"pruned by the sweep after epoch {state.epoch}: testing the best epoch's weights")
     if run.is_main:  # also when a resumed run's best epoch came before the resume
         save_model(hooks.best, out / run_dir.MODEL, spec)
     hooks.model.load_state_dict(hooks.best)
@@ -220,7 +231,8 @@ def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list
     return build_trained(state_dict, spec, cfg.checkpoint)
 
 
-def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data) -> None:
+def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data,
+                    stop: Stop = Stop.FINISHED) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
     transform = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)
@@ -240,6 +252,9 @@ def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: Tr
                "val_is_test": data.val_is_test}
     if cfg.skip_bad_images:
         summary["skipped_images"] = data.skipped
+    if stop is Stop.PRUNED:
+        summary["pruned_at_epoch"] = state.epoch
+        run.tracker.add_tag("pruned")
     if cfg.tta:  # reported beside, never instead of, the plain numbers
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])

@@ -1,9 +1,13 @@
 """One table of every run of a sweep (or any folder of run folders), as markdown, CSV and a plot.
 
-    python -m train.sweep_summary runs/sweep-<array job id>
+    python -m train.sweep_summary runs/sweep-<id>
 
 Writes sweep_summary.md, sweep_summary.csv and sweep_summary.png into that folder and prints the
-table. Runs that have not finished are listed with their state, never left out.
+table. Runs that have not finished are listed with their state, never left out. A search sweep's folder
+(python -m train.sweep: it holds study.journal) gets one row per trial instead, from the study and the
+trials' run folders, the best trial, and three plots: sweep_history.png (Optuna's optimisation history),
+sweep_importance.png (parameter importances) and sweep_curves.png (every trial's validation metric per
+epoch, pruned trials marked where they stopped).
 """
 
 import argparse
@@ -104,11 +108,118 @@ def summarise(folder: Path) -> list:
     return rows
 
 
+# ---- search sweeps (train.sweep) ----------------------------------------------------------------
+
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def search_rows(folder: Path, s, sweep) -> list:
+    rows = []
+    for t in s.get_trials(deepcopy=False):
+        if t.user_attrs.get("not_run"):
+            continue
+        records = history(folder / Path(t.user_attrs.get("run_folder", "-")).name)
+        values = [r[sweep.record_key] for r in records]
+        best = (max if sweep.goal == "maximize" else min)(values) if values else ""
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
+        rows.append({"trial": t.number, "parameters": _parameters(t),
+                     "state": STATES.get(t.state.name, t.state.name.lower()), "epochs": len(records),
+                     f"best {sweep.metric}": best, "test_acc": t.user_attrs.get("test_acc", ""),
+                     "test_f1_macro": t.user_attrs.get("test_f1_macro", ""), "seconds": seconds,
+                     "note": t.user_attrs.get("fail_reason", "")})
+    return rows
+
+
+def _parameters(trial) -> str:
+    options = trial.user_attrs.get("options", trial.params)
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+
+
+def search_plots(folder: Path, s, sweep, rows: list) -> list:
+    """The three plots; returns notes on any that could not be drawn (too few finished trials)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    notes = []
+    for name, draw in (("sweep_history.png", optuna_plots.plot_optimization_history),
+                       ("sweep_importance.png", optuna_plots.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                ax = draw(s)
+            ax.figure.set_size_inches(7, 4.5)
+            ax.figure.tight_layout()
+            ax.figure.savefig(folder / name, dpi=100)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need two finished trials
+            notes.append(f"{name} not drawn: {str(e).splitlines()[0]}")
+        plt.close("all")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in s.get_trials(deepcopy=False):
+        records = history(folder / Path(t.user_attrs.get("run_folder", "-")).name)
+        if not records:
+            continue
+        epochs, values = [r["epoch"] for r in records], [r[sweep.record_key] for r in records]
+        pruned = t.state.name == "PRUNED"
+        (line,) = ax.plot(epochs, values, linestyle="--" if pruned else "-", marker=".", label=f"trial {t.number}")
+        if pruned:
+            ax.plot(epochs[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{folder.name}: validation per trial (x: pruned)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "sweep_curves.png", dpi=100)
+    plt.close(fig)
+    return notes
+
+
+def summarise_search(folder: Path) -> tuple:
+    """(rows, text) of a train.sweep folder; writes sweep_summary.md/.csv and the plots."""
+    from train import study
+    from train.sweep_config import load_sweep
+
+    sweep = load_sweep(str(folder / study.SWEEP_FILE))
+    s = study._optuna().load_study(study_name=study.STUDY, storage=study.storage_for(folder))
+    rows = search_rows(folder, s, sweep)
+    columns = list(rows[0]) if rows else ["trial"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
+    complete = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if complete:
+        best = s.best_trial
+        lines += ["", f"Best trial: {best.number} ({sweep.metric} {best.value:.4f}): "
+                      + _parameters(best)]
+    notes = search_plots(folder, s, sweep, rows)
+    lines += ["", f"{sweep.method} sweep, {len(rows)} trials: " + ", ".join(
+        f"{sum(r['state'] == state for r in rows)} {state}" for state in dict.fromkeys(r["state"] for r in rows))]
+    lines += [f"Note: {note}" for note in notes]
+    text = "\n".join(lines) + "\n"
+    (folder / "sweep_summary.md").write_text(text)
+    with open(folder / "sweep_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows, text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a sweep folder, e.g. runs/sweep-12345")
     args = parser.parse_args(argv)
     try:
+        from train.study import JOURNAL
+
+        if (args.folder / JOURNAL).is_file():
+            _, text = summarise_search(args.folder)
+            print(text, end="")
+            print(f"\nwritten: {args.folder}/sweep_summary.md, .csv, sweep_history.png, sweep_importance.png, "
+                  f"sweep_curves.png")
+            return 0
         rows = summarise(args.folder)
     except UsageError as e:
         return report_usage_error(e)

@@ -154,6 +154,16 @@ class Tracker:
         except Exception as e:
             _warn(f"final logging failed ({_first_line(e)}); the run folder has every result")
 
+    def add_tag(self, tag: str) -> None:
+        """Tag the W&B run (a sweep's pruned trial); a failure is a warning, as for all W&B errors."""
+        if not self.active:
+            return
+        try:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.tags = tuple(run.tags or ()) + (tag,)
+        except Exception as e:
+            _warn(f"tagging the run failed ({_first_line(e)})")
+
     def finish(self) -> None:
         """Close the W&B run. Only that: the caller ends the process group (the other half of Accelerate's
         end_training), on every rank, W&B on or off."""
