@@ -96,7 +96,9 @@ part() {
         *) status="failed (exit $rc)" ;;
     esac
     detail=$(pytest_detail "$results/$name.log")
-    [ -n "$detail" ] || detail=$(grep -ac '^| ' "$results/$name.log" | sed 's/$/ benchmark rows/')
+    if [ -z "$detail" ] && grep -aq '^| ' "$results/$name.log"; then
+        detail="$(grep -ac '^| ' "$results/$name.log") benchmark rows"
+    fi
     note "$name" "$status" "$((SECONDS - t0))" "$detail"
 }
 

@@ -232,3 +232,26 @@ def test_a_worker_killed_mid_trial_leaves_no_trial_running(tmp_path, dataset_dir
     assert not [t for t in after if t.state.name == "RUNNING"]
     assert after[killed.number].state.name == "COMPLETE"  # resumed from its checkpoint, the same trial
     assert sorted(t.params["lr"] for t in counted(folder)) == [0.01, 0.02] and len(after) == 2
+
+
+def test_a_diverged_trial_fails_and_the_worker_goes_on(tmp_path, dataset_dir):
+    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [1e6, 0.02]}})
+    folder = tmp_path / "sweep"
+    proc = ok(run_sweep(file, folder, *TRIAL, "--batch-size", "32", "--epochs", "2", dataset=dataset_dir))
+    states = {t.params["lr"]: t for t in counted(folder)}
+    assert states[1e6].state.name == "FAIL" and "training diverged" in states[1e6].user_attrs["fail_reason"]
+    assert states[0.02].state.name == "COMPLETE" and "diverged (training diverged" in proc.stdout
+
+
+def test_a_trial_with_bad_input_stops_the_sweep_with_one_line(tmp_path, dataset_dir):
+    """A value every trial would trip over the same way (here a torchvision name that does not exist)."""
+    file = write_sweep(tmp_path / "grid.yaml", method="grid",
+                       parameters={"arch": {"values": ["resnet18", "resnet_18"]}})  # seed 0: resnet_18 first
+    folder = tmp_path / "sweep"
+    proc = run_sweep(file, folder, "--eval-batch-size", "64", "--epochs", "1", "--limit-batches", "2",
+                     dataset=dataset_dir)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: trial")]
+    assert proc.returncode == 2 and len(ours) == 1, proc.stderr[-2000:]
+    assert "stopped on bad input, which every trial would repeat: unknown --arch 'resnet_18'" in ours[0]
+    (failed,) = [t for t in trials(folder) if t.state.name == "FAIL"]
+    assert failed.params["arch"] == "resnet_18" and len(trials(folder)) == 1  # the sweep went no further
