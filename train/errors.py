@@ -4,6 +4,7 @@ import os
 import sys
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # training stopped by a non-finite loss (train/loop.py)
 
 
 class UsageError(Exception):

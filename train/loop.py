@@ -146,7 +146,6 @@ class Hooks:
         return False
 
 
-EXIT_DIVERGED = 3  # the exit status of a run stopped by a non-finite loss
 
 
 class Diverged(Exception):

@@ -26,9 +26,9 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 
 from train import preemption, run_dir, runner, tracking
 from train.config import Config, parse_config
-from train.errors import UsageError, report_usage_error, report_write_error
+from train.errors import EXIT_DIVERGED, UsageError, report_usage_error, report_write_error
 from train.files import DISK_ERRNOS
-from train.loop import EXIT_DIVERGED, Diverged, Stop, TrainState
+from train.loop import Diverged, Stop, TrainState
 from train.models import ModelSpec, check_arch
 from train.preemption import EXIT_PREEMPTED
 

@@ -31,11 +31,9 @@ from pathlib import Path
 
 from train import run_dir, study
 from train.config import build_parser, parse_config
-from train.errors import EXIT_USAGE, UsageError, report_usage_error
+from train.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError, report_usage_error
 from train.preemption import EXIT_PREEMPTED
 from train.sweep_config import load_sweep
-
-EXIT_DIVERGED = 3  # train/loop.py's, without importing torch here
 
 
 class _Parser(argparse.ArgumentParser):

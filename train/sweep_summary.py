@@ -135,7 +135,7 @@ def _parameters(trial) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
-def search_plots(folder: Path, s, sweep, rows: list) -> list:
+def search_plots(folder: Path, s, sweep) -> list:
     """The three plots; returns notes on any that could not be drawn (too few finished trials)."""
     import warnings
 
@@ -194,7 +194,7 @@ def summarise_search(folder: Path) -> tuple:
         best = s.best_trial
         lines += ["", f"Best trial: {best.number} ({sweep.metric} {best.value:.4f}): "
                       + _parameters(best)]
-    notes = search_plots(folder, s, sweep, rows)
+    notes = search_plots(folder, s, sweep)
     lines += ["", f"{sweep.method} sweep, {len(rows)} trials: " + ", ".join(
         f"{sum(r['state'] == state for r in rows)} {state}" for state in dict.fromkeys(r["state"] for r in rows))]
     lines += [f"Note: {note}" for note in notes]
