@@ -1,11 +1,13 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from synthetic import write_parquet_dataset  # tests/ is on sys.path: pytest puts a conftest's folder there
 
@@ -139,3 +141,39 @@ def assert_resumed(proc: subprocess.CompletedProcess, total_steps: int) -> tuple
     assert int(taken.group(1)) == total_steps - step < total_steps
     assert "starting fresh" not in proc.stdout and not re.search(r"^warning:", proc.stderr, re.M), proc.stderr[-2000:]
     return Path(named.group(1)).name, step
+
+
+def module(name, *args, env=None) -> subprocess.CompletedProcess:
+    """python -m NAME ARGS... from the project folder, output captured."""
+    return subprocess.run([sys.executable, "-m", name, *map(str, args)], cwd=ROOT, env=child_env(**(env or {})),
+                          capture_output=True, text=True, timeout=600)
+
+
+def wandb_cli(*args) -> str:
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    return subprocess.run([exe, *args], capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def wandb_records(run) -> list:
+    """Every record of an offline W&B run, as W&B's own reader gives them."""
+    return [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line.strip()]
+
+
+def wandb_summary(run) -> dict:
+    return json.loads(wandb_cli("leet", "inspect", "--summary", "--json", str(run)))
+
+
+def write_sweep(path, **sweep) -> Path:
+    """A sweep file (W&B's format) for python -m train.sweep or slurm/sweep.sh."""
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def study_trials(folder) -> list:
+    """The trials of a sweep folder's study, read from its journal file as the workers left it."""
+    import optuna
+
+    from train.study import STUDY, storage_for
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=STUDY, storage=storage_for(folder)).get_trials()

@@ -1,13 +1,12 @@
 """Data preparation under DDP: each node's local main process first, the others waiting at most --dist-timeout;
 and the end of a DDP run: every process destroys its process group."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import FAST, ROOT, check, child_env, read_summary, run_main
+from conftest import FAST, ROOT, check, child_env, read_summary, run_main, wandb_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 SHORT = [*FAST, "--epochs", "1", "--limit-batches", "2"]
@@ -44,9 +43,14 @@ def test_waiting_ranks_outlast_a_slow_preparation_within_the_timeout(dataset_dir
 
 
 # train.main.main() as `accelerate launch train/main.py` runs it, then what is left of the process group.
-AFTER_MAIN = ("import sys\nimport torch.distributed as dist\nfrom train.main import main\n"
+# Then the threads main() left that end once train.runner's side group is let go: gloo's, which would otherwise
+# be joined (or not: std::terminate) only at interpreter exit.
+AFTER_MAIN = ("import gc, os, sys\nimport torch.distributed as dist\nimport train.runner\nfrom train.main import main\n"
               "code = main(sys.argv[1:])\n"
               "print('process group after the run:', 'up' if dist.is_initialized() else 'destroyed', flush=True)\n"
+              "threads = len(os.listdir('/proc/self/task'))\n"
+              "train.runner._side_group = (None, None)\ngc.collect()\n"
+              "print('threads main() left to exit:', threads - len(os.listdir('/proc/self/task')), flush=True)\n"
               "sys.exit(code)\n")
 
 
@@ -60,10 +64,9 @@ def test_every_process_destroys_its_process_group_at_the_end(dataset_dir, tmp_pa
     env = child_env(ACCELERATE_USE_CPU="true", WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="")
     proc = check(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
     assert proc.stdout.count("process group after the run: destroyed") == 2, proc.stdout[-2000:]
+    assert proc.stdout.count("threads main() left to exit: 0") == 2, proc.stdout[-2000:]
     assert read_summary(tmp_path / "run")["world_size"] == 2
     if "--no-wandb" not in tracking:  # W&B's one run still ends cleanly, closed by the main process
-        from test_wandb import wandb_cli
-
         (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
-        records = [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line]
+        records = wandb_records(run)
         assert [r["exit"]["exit_code"] for r in records if r.get("type") == "exit"] == [0]

@@ -130,7 +130,8 @@ def test_smoke_limits_stop_early(dataset_dir, tmp_path):
                            "--limit-batches", "2", "--eval-batch-size", "16", "--log-every", "1"]))
     # Not a terminal (as in a Slurm log): plain lines every --log-every steps, no progress-bar frames.
     assert "\r" not in proc.stdout + proc.stderr
-    progress = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch") and " step " in line]
+    progress = [line.split(":")[0] for line in proc.stdout.splitlines()
+                if line.startswith("epoch") and " step " in line]
     assert progress == ["epoch 1/3 step 1", "epoch 1/3 step 2", "epoch 2/3 step 3"]
     summary = read_summary(out)
     assert summary["steps"] == 3 and summary["epochs_trained"] == 2  # 2 batches an epoch: epoch 2 stops at step 3

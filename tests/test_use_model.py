@@ -11,17 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, child_env, read_summary
+from conftest import ROOT, child_env, module, read_summary
 from synthetic import CLASS_NAMES, make_images
 from train.checkpoint import save_model
 from train.models import ModelSpec
 
 pytestmark = pytest.mark.slow
-
-
-def module(name, *args, env=None):
-    return subprocess.run([sys.executable, "-m", name, *map(str, args)], cwd=ROOT, env=child_env(**(env or {})),
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, tmp_path):

@@ -5,23 +5,18 @@ and wandb in offline mode (in this process, or in a child process where the envi
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, MAIN, ROOT, check, child_env, read_metrics, read_summary, run_main
+from conftest import FAST, MAIN, ROOT, check, child_env, read_metrics, read_summary, run_main, wandb_records
+from conftest import wandb_summary as summary
 from train import tracking
 from train.config import Config
 
 CLASSES = ["red", "green", "blue", "yellow"]
-
-
-def wandb_cli(*args) -> str:
-    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=True, timeout=120).stdout
 
 
 def offline_runs(wandb_dir):
@@ -29,13 +24,7 @@ def offline_runs(wandb_dir):
 
 
 def history(run_dir) -> list:
-    records = [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run_dir)).splitlines()
-               if line.strip()]
-    return [r["history"]["item"] for r in records if r.get("type") == "history"]
-
-
-def summary(run_dir) -> dict:
-    return json.loads(wandb_cli("leet", "inspect", "--summary", "--json", str(run_dir)))
+    return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
 
 
 def offline_args(dataset, out):
@@ -61,6 +50,12 @@ def check_run_contents(run_dir, epochs=3):
         assert key in final, key
     assert final["test/per_class"]["_type"] == "table-file"
     assert {"plots/loss", "plots/accuracy", "plots/confusion_matrix"} <= set(final)
+    # W&B's own confusion-matrix chart: its table holds (actual, predicted, count) for every cell
+    assert final["test/confusion_matrix_table"]["_type"] == "table-file"
+    (table,) = (run_dir / "files").glob("media/table/test/confusion_matrix_table_*.table.json")
+    table = json.loads(table.read_text())
+    assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
+    info["chart"] = {(a, p): n for a, p, n in table["data"]}
     return info
 
 
@@ -77,6 +72,66 @@ def test_offline_run_has_config_curves_test_metrics_and_per_class(dataset_dir, t
     assert [r["val/f1_macro"] for r in history(runs[0]) if "val/f1_macro" in r] == \
            pytest.approx([r["val_f1_macro"] for r in read_metrics(out)])
     assert info["name"] == "resnet18-lr0.02-bs32"
+    matrix = local["confusion_matrix"]
+    assert info["chart"] == {(CLASSES[i], CLASSES[j]): matrix[i][j] for i in range(4) for j in range(4)}
+    assert not artifacts(runs[0])  # --wandb-log-model is off by default
+
+
+def artifacts(run_dir) -> list:
+    """The artifact records of an offline run, as W&B's own reader gives them."""
+    return [r["artifact"] for r in wandb_records(run_dir)
+            if r.get("type") == "artifact" and r["artifact"]["type"] == "model"]
+
+
+@pytest.mark.slow
+def test_end_logs_one_model_artifact_with_its_files_metadata_and_aliases(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    check(run_main([*offline_args(dataset_dir, out), "--wandb-log-model", "end"],
+                   env={"WANDB_DIR": str(tmp_path / "wb"), "WANDB_DATA_DIR": str(tmp_path / "wb-data")}))
+    (run,) = offline_runs(tmp_path / "wb")
+    (artifact,) = artifacts(run)
+    local, run_id = read_summary(out), json.loads((out / "wandb.json").read_text())["id"]
+    assert artifact["name"] == f"model-{run_id}"
+    assert set(artifact["aliases"]) == {"best", "latest", f"epoch-{local['best_epoch']}"}
+    files = {c["path"]: c for c in artifact["manifest"]["contents"]}
+    assert set(files) == {"model.safetensors", "config.yaml", "summary.json", "report.md"}
+    staged = Path(files["model.safetensors"]["local_path"])  # what `wandb sync` uploads
+    assert staged.read_bytes() == (out / "model.safetensors").read_bytes()
+    metadata = json.loads(artifact["metadata"])
+    assert metadata["model"]["arch"] == "resnet18" and metadata["model"]["class_names"] == CLASSES
+    assert (metadata["test_acc"], metadata["test_f1_macro"]) == (local["test_acc"], local["test_f1_macro"])
+
+
+@pytest.mark.slow
+def test_best_logs_a_version_only_when_the_best_epoch_improves(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != "3" else "5" for a in offline_args(dataset_dir, out)]  # --epochs 5: it stops improving
+    check(run_main([*args, "--wandb-log-model", "best"], env={"WANDB_DIR": str(tmp_path / "wb"),
+                                                              "WANDB_DATA_DIR": str(tmp_path / "wb-data")}))
+    best, improved = -1.0, []
+    for record in read_metrics(out):
+        if record["val_f1_macro"] > best:
+            best, improved = record["val_f1_macro"], improved + [record["epoch"]]
+    assert 1 <= len(improved) < 5, improved  # decisive: some epochs did not improve
+    (run,) = offline_runs(tmp_path / "wb")
+    versions = artifacts(run)
+    assert [set(a["aliases"]) for a in versions] == [{"best", "latest", f"epoch-{e}"} for e in improved]
+    assert [json.loads(a["metadata"])["epoch"] for a in versions] == improved
+    assert all({c["path"] for c in a["manifest"]["contents"]} >= {"model.safetensors", "config.yaml"}
+               for a in versions)
+
+
+@pytest.mark.slow
+def test_a_model_artifact_that_fails_to_log_is_one_warning_and_the_run_goes_on(dataset_dir, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # W&B cannot stage the artifact's files under it, as on a read-only home
+    out = tmp_path / "run"
+    proc = check(run_main([*offline_args(dataset_dir, out), "--wandb-log-model", "end"],
+                          env={"WANDB_DIR": str(tmp_path / "wb"), "WANDB_DATA_DIR": str(blocked / "wandb")}))
+    warnings = [line for line in proc.stderr.splitlines() if "model artifact" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: W&B: logging the model artifact failed")
+    (run,) = offline_runs(tmp_path / "wb")
+    assert not artifacts(run) and summary(run)["summary"]["test/acc"] == pytest.approx(read_summary(out)["test_acc"])
 
 
 @pytest.mark.slow
@@ -266,8 +321,7 @@ def test_slurm_array_run_is_named_and_grouped_in_wandb(offline_tracker, tmp_path
     tracker.finish()
     (run,) = offline_runs(tmp_path / "wb")
     assert summary(run)["name"] == "resnet18-lr0.02-bs32-job4242_7"
-    records = [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line]
-    assert [r["run"].get("run_group") for r in records if r.get("type") == "run"] == ["sweep-4242"]
+    assert [r["run"].get("run_group") for r in wandb_records(run) if r.get("type") == "run"] == ["sweep-4242"]
 
 
 def test_credentials_are_found_in_the_environment_or_netrc(tmp_path, monkeypatch):
@@ -318,7 +372,8 @@ def test_disabled_wandb_is_never_imported(argv, env, tmp_path):
     proc = run_script(tracker_script(["--arch", "resnet18", *argv], tmp_path / "run"), tmp_path, **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"wanted": False, "active": False, "imported": False}
-    assert "W&B" not in proc.stderr and not (tmp_path / "wb").exists() and not (tmp_path / "run" / "wandb.json").exists()
+    assert "W&B" not in proc.stderr and not (tmp_path / "wb").exists()
+    assert not (tmp_path / "run" / "wandb.json").exists()
 
 
 def test_online_without_credentials_goes_offline_at_once(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from train import run_dir
+from train import hub, run_dir
 from train.errors import UsageError
 from train.failpoints import delay, failpoint
 from train.files import atomic_write, dumps, sha256, writing
@@ -42,14 +42,25 @@ def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
         atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
 
 
-def load_model(path: Path) -> tuple:
-    """Return (state_dict, ModelSpec, names of the spec's fields the file did not record) from a
-    model.safetensors, a run folder holding one, or a training checkpoint folder; or a one-line UsageError."""
+MODEL_KINDS = ("a run folder (model.safetensors), a model.safetensors, a checkpoint folder (trainer_state.json), "
+               "a Hub model folder (config.json, from train.export --hub) or hf://REPO_ID[@REVISION]")
+
+
+def load_model(path) -> tuple:
+    """Return (state_dict, ModelSpec, names of the spec's fields the file did not record) from any MODEL
+    argument (MODEL_KINDS); or a one-line UsageError. Every kind gives the same model for the same weights."""
+    if str(path).startswith(hub.PREFIX):
+        path = hub.download(str(path))
     path = Path(path)
     if (path / TRAINER_STATE).is_file():
         saved = json.loads((path / TRAINER_STATE).read_text())
         state_dict, _ = _read_model_file(path / MODEL_FILE)
         return clean_keys(state_dict), ModelSpec.from_dict(saved), ModelSpec.missing_from_dict(saved)
+    if path.is_dir() and hub.is_hub_folder(path):
+        state_dict, _ = _read_model_file(path / run_dir.MODEL)
+        return clean_keys(state_dict), hub.read_hub_folder(path), set()
+    if path.is_dir() and not (path / run_dir.MODEL).is_file():
+        raise UsageError(f"{path} holds no model: expected {MODEL_KINDS}")
     state_dict, metadata = _read_model_file(path / run_dir.MODEL if path.is_dir() else path)
     try:
         spec = ModelSpec.from_metadata(metadata)

@@ -96,6 +96,9 @@ class Config:
     wandb_group: str = _opt("", "W&B group (default: sweep-<array job id> under a Slurm array)")
     run_name: str = _opt("", "W&B run name (default: <arch>-lr<lr>-bs<batch>[-job<Slurm job>])")
     tags: str = _opt("", "comma-separated W&B tags")
+    wandb_log_model: str = _opt("", "log the model as a W&B artifact (type model): end (once, when the run "
+                                    "finishes) or best (a version each time the best epoch improves); off by "
+                                    "default, storage costs", choices=("", "end", "best"))
     sweep_dir: str = _opt("", "set by python -m train.sweep: the sweep folder whose study this run reports to")
     trial_number: int = _opt(-1, "set by python -m train.sweep: this run's trial in that study")
     eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
@@ -164,7 +167,7 @@ GROUPS = {
     "checkpoints": ["resume", "checkpoint_every_steps", "keep_checkpoints"],
     "sweep (set by python -m train.sweep)": ["sweep_dir", "trial_number"],
     "tracking (Weights & Biases)": ["wandb", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "run_name",
-                                    "tags"],
+                                    "tags", "wandb_log_model"],
 }
 
 

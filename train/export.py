@@ -1,6 +1,8 @@
-"""Export a trained model to ONNX, then check the file with onnxruntime against PyTorch on real images.
+"""Export a trained model: to ONNX, checked with onnxruntime against PyTorch on real images; or as a Hugging
+Face Hub model folder with its model card (train/hub.py), optionally pushed to the Hub.
 
     python -m train.export runs/x --onnx model.onnx [--dataset ID --split test | --images a.png dir/]
+    python -m train.export runs/x --hub hub/x [--dataset-id uoft-cs/cifar10] [--push-to-hub USER/REPO]
 
 The graph takes normalised RGB float images (N, 3, S, S), any N (dynamic batch axis), and returns logits;
 its metadata holds what a runtime needs to prepare them: class_names, mean, std, image_size (and arch,
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import run_dir
+from train import hub, run_dir
 from train.augment import BatchTransform
 from train.checkpoint import build_trained, load_model
 from train.errors import UsageError, report_usage_error
@@ -92,6 +94,8 @@ def compare(model, spec, path: Path, images: torch.Tensor) -> tuple:
 
 
 def run(args) -> int:
+    if args.hub:
+        return run_hub(args)
     check_extra()
     state_dict, spec, _ = load_model(args.model)
     model = build_trained(state_dict, spec, args.model)
@@ -108,17 +112,41 @@ def run(args) -> int:
     return 0
 
 
+def run_hub(args) -> int:
+    out = Path(args.hub)
+    hub.write_folder(Path(args.model), out, args.dataset_id, args.push_to_hub)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", flush=True)
+    if args.push_to_hub:
+        url = hub.push(out, args.push_to_hub, private=args.private)
+        print(f"pushed {out} to {args.push_to_hub}: {url}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="run folder, model.safetensors or checkpoint folder")
-    parser.add_argument("--onnx", required=True, help="the ONNX file to write")
+    parser.add_argument("model", help="run folder, model.safetensors, checkpoint folder, Hub model folder or "
+                                      "hf://REPO_ID[@REVISION] (--hub: a finished run folder)")
+    parser.add_argument("--onnx", default="", help="the ONNX file to write")
     parser.add_argument("--dataset", default="", help="check on this dataset's images (default: the run's dataset)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--images", nargs="*", default=[], help="or on these image files and folders")
     parser.add_argument("--check", type=int, default=256, help="images to check on (default: 256)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference allowed")
+    hub_options = parser.add_argument_group("Hugging Face Hub")
+    hub_options.add_argument("--hub", default="", help="write a Hub model folder here: weights, config.json, "
+                             "model card (README.md), config.yaml, plots")
+    hub_options.add_argument("--dataset-id", default="", help="the Hub dataset the model card names (default: "
+                             "the run's --dataset; give it when that was a local copy)")
+    hub_options.add_argument("--push-to-hub", default="", metavar="REPO_ID", help="then upload the folder to this "
+                             "Hub model repository (huggingface_hub; `hf auth login` first)")
+    hub_options.add_argument("--private", action="store_true", help="create the repository private")
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if bool(args.onnx) == bool(args.hub):
+            raise UsageError("give --onnx FILE or --hub DIR (one of them)")
+        if args.push_to_hub and not args.hub:
+            raise UsageError("--push-to-hub needs --hub DIR: the folder to write and upload")
+        return run(args)
     except UsageError as e:
         return report_usage_error(e)
 

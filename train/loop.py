@@ -146,8 +146,6 @@ class Hooks:
         return False
 
 
-
-
 class Diverged(Exception):
     """A non-finite training loss. Raised on every rank at once; nothing after the last checkpoint is kept."""
 

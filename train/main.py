@@ -104,9 +104,9 @@ def run(cfg: Config) -> int:
         code = EXIT_DIVERGED
     finally:
         tracker.finish()
-    # Every rank, W&B on or off (Accelerate's end_training, less the trackers closed above). Not after an
-    # exception: that process reports its error and exits, its peers may be inside a collective.
-    accelerator.state.destroy_process_group()
+    # Every rank, W&B on or off. Not after an exception: that process reports its error and exits, its peers
+    # may be inside a collective.
+    runner.end_process_groups(accelerator)
     return code
 
 

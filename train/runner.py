@@ -154,6 +154,10 @@ class RunHooks(Hooks):
             run_dir.append_metrics(self.run.out, record)
             if improved:
                 save_model(self.best, self.run.out / run_dir.MODEL, self.spec)
+                if self.cfg.wandb_log_model == "best":
+                    metadata = {"model": self.spec.to_dict(), "epoch": record["epoch"],
+                                **{k: record[k] for k in ("val_loss", "val_acc", "val_f1_macro")}}
+                    self.run.tracker.log_model(model_files(self.run.out), record["epoch"], metadata)
         self.save(state)
         if self.reporter:
             self.pruned = self.reporter.epoch_end(record)
@@ -231,6 +235,11 @@ def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list
     return build_trained(state_dict, spec, cfg.checkpoint)
 
 
+def model_files(out: Path) -> list:
+    """What a model artifact holds: the best weights and, where written yet, the run's config, summary and report."""
+    return [out / run_dir.MODEL, out / run_dir.CONFIG, out / run_dir.SUMMARY, out / "report.md"]
+
+
 def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data,
                     stop: Stop = Stop.FINISHED) -> None:
     cfg, accelerator = run.cfg, run.accelerator
@@ -261,6 +270,11 @@ def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: Tr
     run_dir.write_summary(run.out, summary)
     report.write_all(run.out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
     run.tracker.log_final(summary, data.class_names)
+    if cfg.wandb_log_model == "end" and trained:
+        run.tracker.log_model(model_files(run.out), state.best_epoch,
+                              {"model": spec.to_dict(), "best_epoch": state.best_epoch,
+                               **{k: summary[k] for k in ("test_loss", "test_acc", "test_f1_macro",
+                                                          "test_per_class_accuracy")}})
     run.say(f"test accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f}"
             f"{f' (best epoch {state.best_epoch})' if state.best_epoch else ''}; run folder {run.out}")
 
@@ -314,6 +328,16 @@ def side_group(cfg: Config):
             raise UsageError(f"the processes could not connect over gloo ({str(e).strip().splitlines()[0]}): set "
                              f"GLOO_SOCKET_IFNAME to the network interface the nodes reach each other on") from None
     return _side_group[1]
+
+
+def end_process_groups(accelerator: Accelerator) -> None:
+    """Every rank, at the end: destroy the process groups (Accelerate's end_training, less the trackers) and
+    drop the side group's last reference, so that its gloo threads end now. Left to interpreter exit, a thread
+    still joinable there is std::terminate: SIGABRT, a failed job, for a run that finished (seen once under
+    Slurm)."""
+    global _side_group
+    accelerator.state.destroy_process_group()
+    _side_group = (None, None)
 
 
 def wait_for_peers(cfg: Config, accelerator: Accelerator, doing: str, deadline: float | None) -> None:

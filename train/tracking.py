@@ -150,9 +150,32 @@ class Tracker:
                                 data=[[n, per_class[n], sum(row)] for n, row in
                                       zip(class_names, summary["confusion_matrix"])])
             images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(self.out.glob("*.png"))}
-            run.log({"test/per_class": table, **images}, step=max(self.first_step, self.last_step))
+            y_true, preds = _pairs(summary["confusion_matrix"])  # W&B's chart, filterable by class
+            chart = wandb.plot.confusion_matrix(y_true=y_true, preds=preds, class_names=list(class_names),
+                                                title="test confusion matrix")
+            run.log({"test/per_class": table, "test/confusion_matrix": chart, **images},
+                    step=max(self.first_step, self.last_step))
         except Exception as e:
             _warn(f"final logging failed ({_first_line(e)}); the run folder has every result")
+
+    def log_model(self, files: list, epoch: int, metadata: dict) -> None:
+        """A version of the run's model artifact (`model-<run id>`, type model) holding the weights of `epoch`,
+        aliased best, latest and epoch-N, as --wandb-log-model asks: staged in an offline run, uploaded by
+        `wandb sync`. A failure is one warning; the run goes on."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
+            for path in files:
+                if Path(path).is_file():
+                    artifact.add_file(str(path), name=Path(path).name)
+            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(
+                artifact, aliases=["best", "latest", f"epoch-{epoch}"])
+        except Exception as e:
+            _warn(f"logging the model artifact failed ({_first_line(e)}); the run goes on, the run folder has "
+                  "the model")
 
     def add_tag(self, tag: str) -> None:
         """Tag the W&B run (a sweep's pruned trial); a failure is a warning, as for all W&B errors."""
@@ -173,6 +196,16 @@ class Tracker:
                     tracker.finish()
             except Exception as e:
                 _warn(f"closing the run failed ({_first_line(e)})")
+
+
+def _pairs(matrix: list) -> tuple:
+    """(true classes, predicted classes), one pair per test image, from a confusion matrix of counts."""
+    y_true, preds = [], []
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            y_true += [i] * int(count)
+            preds += [j] * int(count)
+    return y_true, preds
 
 
 def _first_line(e: Exception) -> str:
