@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from synthetic import CLASS_NAMES, make_images, write_parquet_dataset
@@ -151,3 +152,38 @@ def test_exact_validation_and_training_sizes(dataset_dir):
     assert "40 images held out" in data.val_source and "training uses 100 of the other 216" in data.val_source
     with pytest.raises(UsageError, match="cannot split 256 training images"):
         load_image_data(cfg(dataset_dir, val_images=300))
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(val_images=40, train_images=100), dict(val_size=0)],
+                         ids=["val-size", "train-images", "no-val"])
+def test_the_split_parts_are_the_rows_asked_for_in_one_decoded_tensor(dataset_dir, sizes):
+    """Train and validation are the rows train_test_split picks, in its order, as views of the one decoded
+    train tensor (no second copy of it: decode's memory check counts one)."""
+    from sklearn.model_selection import train_test_split
+
+    options = cfg(dataset_dir, **sizes)
+    data = load_image_data(options)
+    whole = load_image_data(cfg(dataset_dir, val_size=0.0)).train  # every train row, in the dataset's order
+    assert len(whole) == 256
+    rest, labels = np.arange(256), whole.labels.numpy()
+    held_out = options.val_images or options.val_size
+    if held_out:
+        rest, val_idx = train_test_split(rest, test_size=held_out, stratify=labels, random_state=0)
+        assert torch.equal(data.val.images, whole.images[val_idx]) and torch.equal(data.val.labels,
+                                                                                     whole.labels[val_idx])
+        assert data.val.images.untyped_storage().data_ptr() == data.train.images.untyped_storage().data_ptr()
+    if options.train_images:
+        rest, _ = train_test_split(rest, train_size=options.train_images, stratify=labels[rest], random_state=0)
+    assert torch.equal(data.train.images, whole.images[rest]) and torch.equal(data.train.labels, whole.labels[rest])
+
+
+def test_rows_are_permuted_in_place():
+    from train.data import Split
+
+    images = torch.randint(0, 256, (500, 3, 4, 4), dtype=torch.uint8)
+    split = Split(images.clone(), torch.arange(500))
+    order = np.random.default_rng(0).permutation(500)
+    a, b = split.split([order[:300], order[300:450]])  # 50 rows in no part
+    assert torch.equal(a.images, images[order[:300]]) and torch.equal(a.labels, torch.as_tensor(order[:300]))
+    assert torch.equal(b.images, images[order[300:450]]) and torch.equal(b.labels, torch.as_tensor(order[300:450]))
+    assert a.images.data_ptr() == split.images.data_ptr()

@@ -33,6 +33,34 @@ class Split:
     def to(self, device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
+    def split(self, parts: list) -> list:
+        """A Split of the rows of each index array in `parts`, in its order, each a view of these images: the
+        rows are permuted in place (the parts in turn, the rows no part takes after them). Copies, as subset()
+        makes, would double the decoded train split at its peak, beyond what decode's memory check counts.
+        This split's own order is gone afterwards."""
+        taken = np.concatenate(parts)
+        order = np.concatenate([taken, np.setdiff1d(np.arange(len(self)), taken)])
+        _permute_rows(self.images.numpy(), order)
+        labels, out, start = self.labels[torch.as_tensor(order)], [], 0
+        for part in parts:
+            out.append(Split(self.images[start:start + len(part)], labels[start:start + len(part)]))
+            start += len(part)
+        return out
+
+
+def _permute_rows(rows: np.ndarray, order: np.ndarray) -> None:
+    """rows[:] = rows[order], in place, one row of extra memory: each cycle of the permutation is followed
+    from its first row, which is kept aside until the cycle closes."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        first, i = rows[start].copy(), start
+        while order[i] != start:
+            rows[i] = rows[order[i]]
+            done[i], i = True, order[i]
+        rows[i], done[i] = first, True
+
 
 @dataclass
 class ImageData:
@@ -89,12 +117,14 @@ def load_image_data(cfg) -> ImageData:
         raise UsageError(f"cannot split {len(train)} training images as asked (--val-size/--val-images/"
                          f"--train-images): {str(e).splitlines()[0]}") from None
     if not held_out:
-        return ImageData(train.subset(rest), test, test, class_names, "the test split (--val-size 0)", skipped,
+        (train,) = train.split([rest])
+        return ImageData(train, test, test, class_names, "the test split (--val-size 0)", skipped,
                          policy.describe(), val_is_test=True)
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
     if cfg.train_images:
         source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"
-    return ImageData(train.subset(rest), train.subset(val_idx), test, class_names, source, skipped, policy.describe())
+    train, val = train.split([rest, val_idx])
+    return ImageData(train, val, test, class_names, source, skipped, policy.describe())
 
 
 def load_dataset_dict(name: str):
