@@ -15,6 +15,7 @@
 #   gpu-models    benchmark: train_one_epoch against the model alone, 4 models at 32 and 224 px     (75 s)
 #   small-batch   benchmark: seed recipe ms/step eager / compiled / CUDA graphs, its projection      (120 s)
 #   runs          short real runs in bf16, fp16 and fp32 with eval-only, a killed run resumed       (120 s)
+#   sweep         sweep throughput: the same 4 trials with 1, 2 and 4 workers sharing one GPU       (120 s)
 #   rest          the other short runs (compile, CUDA graphs, host-resident, EMA+TTA+SyncBN, AdamW
 #                 fp16), then the benchmark's data, policies, loop and service rows           (what is left)
 #
@@ -33,7 +34,7 @@ mkdir -p "$work"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 export CIFAR_ACCELERATE_CACHE="$work/decode-cache"
 deadline=${DEADLINE:-420}
-parts=",${PARTS:-env,cuda-checks,gpu-models,small-batch,runs,rest},"
+parts=",${PARTS:-env,cuda-checks,gpu-models,small-batch,runs,sweep,rest},"
 summary="$results/summary.md"
 started=$(date -u +"%Y-%m-%d %H:%M:%S UTC")
 
@@ -148,6 +149,13 @@ part small-batch 120 cuda python3 bench/bench.py --dataset "$bench_dataset" --re
     --out "$results/bench-small-batch.md"
 run=tests/test_gpu.py::test_a_short_run_on_the_gpu
 part runs 120 cuda gpu_tests runs "$run[bf16]" "$run[fp16]" "$run[fp32]" tests/test_gpu.py::test_a_killed_gpu_run_resumes
+sweep_throughput() {
+    python3 -c "import optuna" 2>/dev/null || {
+        echo "no optuna: add its wheels to WHEELS (docs/benchmarks.md)"; return 3; }
+    python3 bench/sweep_throughput.py --dataset "$bench_dataset" --out "$results/bench-sweep.md"
+}
+export -f sweep_throughput
+part sweep 120 cuda sweep_throughput
 rest() {
     local status=0
     if [ "$cuda" = yes ]; then

@@ -9,6 +9,7 @@
 # requeue_if_preempted RUN_DIR STATUS: this attempt's training left RUN_DIR/PREEMPTED after
 #   checkpointing: requeue this job (a job that ends during the grace period is not requeued by Slurm),
 #   at most MAX_REQUEUES times; it resumes with --resume auto. Says in the log why it did or did not.
+# requeue_job WHY: the requeue itself (sweep.sh: a worker that stopped its trial at a checkpoint, exit 75).
 
 # Overrides, documented in the README:
 #   PROJECT_DIR        this project's folder (default: where sbatch was run)
@@ -55,8 +56,9 @@ _PENDING_SIGNAL="" _SIGNALLED=" "
 _to_workers() {
     # Only the training processes: each one wrote its pid into CIFAR_ACCELERATE_PID_DIR when it started
     # (train/preemption.py), whatever the launch command. The launchers ignore USR1 (see _run_forwarding).
+    # A sweep worker (train/sweep.py) registers too, and passes the signal on to its trial's processes.
     local launcher=$1 p below
-    below=$(_descendants "$launcher")
+    below=$(echo "$launcher"; _descendants "$launcher")  # the launcher itself: bash may exec the worker
     for p in $(ls "$CIFAR_ACCELERATE_PID_DIR" 2>/dev/null); do
         case "$_SIGNALLED" in *" $p "*) continue ;; esac
         if grep -qx "$p" <<<"$below"; then  # a pid file of this launcher's worker, not a reused pid
@@ -122,20 +124,24 @@ clear_stale_marker() {
 
 requeue_if_preempted() {
     # RUN_DIR STATUS: requeue only for a marker this attempt wrote, at most MAX_REQUEUES times; say why.
-    local run_dir=$1 status=$2 restarts=${SLURM_RESTART_COUNT:-0}
-    local attempt="slurm job $SLURM_JOB_ID restart $restarts"
+    local run_dir=$1 status=$2 attempt="slurm job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}"
     if [ ! -f "$run_dir/PREEMPTED" ] || ! grep -q "; $attempt\$" "$run_dir/PREEMPTED"; then
         [ "$status" -eq 0 ] || echo "$(date +%T) not requeueing job $SLURM_JOB_ID: the training exited with status $status without" \
              "a checkpoint for preemption from this attempt ($attempt)" >&2
         return 1
     fi
+    requeue_job "preempted with a checkpoint in $run_dir"
+}
+
+requeue_job() {
+    # WHY: requeue this job (it resumes where it stopped), at most MAX_REQUEUES times; say so in the log.
+    local why=$1 restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
-        echo "$(date +%T) not requeueing job $SLURM_JOB_ID: preempted with a checkpoint in $run_dir, but it was" \
-             "already requeued $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit to continue" >&2
+        echo "$(date +%T) not requeueing job $SLURM_JOB_ID: $why, but it was already requeued $restarts times" \
+             "(MAX_REQUEUES=$MAX_REQUEUES); resubmit to continue" >&2
         return 1
     fi
-    echo "$(date +%T) preempted with a checkpoint in $run_dir: requeueing job $SLURM_JOB_ID" \
-         "(requeue $((restarts + 1)) of at most $MAX_REQUEUES)" >&2
+    echo "$(date +%T) $why: requeueing job $SLURM_JOB_ID (requeue $((restarts + 1)) of at most $MAX_REQUEUES)" >&2
     scontrol requeue "$SLURM_JOB_ID" || true  # already requeued by Slurm (scontrol requeue): fine
     return 0
 }

@@ -1,28 +1,25 @@
 """Search sweeps: a W&B-format sweep file run by Optuna from a real journal file, trials as real training runs."""
 
 import json
-import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, wandb_records, wandb_summary, write_sweep
+from conftest import study_trials as trials
 
 pytestmark = pytest.mark.slow
 TRIAL = ["--arch", "resnet18", "--eval-batch-size", "64", "--log-every", "2"]  # fixed options of every trial
 QUICK = [*TRIAL, "--epochs", "1", "--limit-batches", "2"]  # a trial in a few seconds
 LEARNS = [*TRIAL, "--batch-size", "32", "--epochs", "3"]  # resnet18 learns the generated classes in 2-3 epochs
-
-
-def write_sweep(path, **sweep):
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return path
 
 
 def sweep_cmd(file, folder, *options, dataset):
@@ -35,30 +32,8 @@ def run_sweep(file, folder, *options, dataset, timeout=900, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def trials(folder):
-    import optuna
-
-    from train.study import STUDY, storage_for
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=STUDY, storage=storage_for(folder)).get_trials()
-
-
 def counted(folder):
     return [t for t in trials(folder) if not t.user_attrs.get("not_run")]
-
-
-def wandb_cli(*args) -> str:
-    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=True, timeout=120).stdout
-
-
-def wandb_records(run) -> list:
-    return [json.loads(line) for line in wandb_cli("leet", "inspect", "--json", str(run)).splitlines() if line.strip()]
-
-
-def wandb_summary(run) -> dict:
-    return json.loads(wandb_cli("leet", "inspect", "--summary", "--json", str(run)))
 
 
 def ok(proc):
@@ -109,13 +84,22 @@ def test_a_bad_sweep_is_one_line_and_exit_2(tmp_path, dataset_dir, case):
     assert not folder.exists()  # nothing started
 
 
-def test_every_shipped_sweep_file_checks():
+def test_every_shipped_sweep_file_checks(tmp_path):
     shipped = sorted(p.name for p in (ROOT / "configs").glob("sweep-*.yaml"))
-    assert shipped == ["sweep-mobilenet_v2.yaml", "sweep-seed-lr-batch.yaml"]  # written out: a new one is listed
-    for name, fixed in (("sweep-mobilenet_v2.yaml", ["--epochs", "30"]),
-                        ("sweep-seed-lr-batch.yaml", ["--config", str(ROOT / "configs" / "seed-mobilenet_v2.yaml")])):
-        proc = ok(subprocess.run([sys.executable, "-m", "train.sweep", str(ROOT / "configs" / name), *fixed,
-                                  "--check"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120))
+    # written out: a new one is listed
+    assert shipped == ["sweep-arch-lr.yaml", "sweep-mobilenet_v2.yaml", "sweep-seed-lr-batch.yaml"]
+    readme = (ROOT / "README.md").read_text()
+    wandb_lines = readme[readme.index("    program: train/main.py"):].split("\n\n")[0]  # the README's W&B form
+    with_wandb = tmp_path / "wandb.yaml"
+    with_wandb.write_text((ROOT / "configs" / "sweep-mobilenet_v2.yaml").read_text() + textwrap.dedent(wandb_lines))
+    assert yaml.safe_load(with_wandb.read_text())["command"][-1] == "${args}"
+    for file, fixed in ((ROOT / "configs" / "sweep-arch-lr.yaml", ["--epochs", "30"]),
+                        (ROOT / "configs" / "sweep-mobilenet_v2.yaml", ["--epochs", "30"]),
+                        (ROOT / "configs" / "sweep-seed-lr-batch.yaml",
+                         ["--config", str(ROOT / "configs" / "seed-mobilenet_v2.yaml")]),
+                        (with_wandb, [])):
+        proc = ok(subprocess.run([sys.executable, "-m", "train.sweep", str(file), *fixed, "--check"], cwd=ROOT,
+                                 env=child_env(), capture_output=True, text=True, timeout=120))
         assert "over" in proc.stdout
 
 
@@ -135,6 +119,38 @@ def test_two_workers_run_a_grid_of_4_exactly_once(tmp_path, dataset_dir):
         out = folder / f"trial-{t.number:04d}-lr{t.params['lr']}-batch_size{t.params['batch_size']}"
         summary = json.loads((out / "summary.json").read_text())
         assert t.user_attrs["test_acc"] == summary["test_acc"] and (out / "report.md").is_file()
+
+
+    dashboard = dashboard_trials(folder / "study.journal")  # what optuna-dashboard shows of the journal
+    assert sorted(dashboard) == sorted((t.number, t.state.name.capitalize(), t.value) for t in trials(folder))
+
+
+def dashboard_trials(journal: Path) -> list:
+    """(number, state, value) of each trial, as a real optuna-dashboard server reads them from the journal."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).with_name("optuna-dashboard"))
+    server = subprocess.Popen([exe, str(journal), "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0?after=0", timeout=5) as r:
+                    study = json.load(r)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read() if server.poll() \
+                    is not None else "optuna-dashboard did not answer"
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return [(t["number"], t["state"], (t.get("values") or [None])[0]) for t in study["trials"]]
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
@@ -213,25 +229,149 @@ def test_a_ddp_trial_is_pruned_on_every_rank_at_the_same_epoch(tmp_path, dataset
     assert proc.stdout.count("pruned by the sweep after epoch 2") == 1  # said once, by rank 0
 
 
-def test_a_worker_killed_mid_trial_leaves_no_trial_running(tmp_path, dataset_dir):
+def test_workers_killed_mid_trial_leave_no_trial_running(tmp_path, dataset_dir):
+    """A lost node: two workers and their trials SIGKILLed mid-trial. The next worker resumes both trials from
+    their checkpoints, one after the other (it claims one at a time)."""
+    import psutil
+
     file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.01, 0.02]}})
     folder = tmp_path / "sweep"
-    slow = LEARNS
-    worker = subprocess.Popen(sweep_cmd(file, folder, *slow, dataset=dataset_dir), cwd=ROOT, env=child_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    sweep = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, "--workers", "2", dataset=dataset_dir), cwd=ROOT,
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len({c.parent for c in folder.glob("trial-*/checkpoints/e*")}) < 2:
+        time.sleep(0.5)  # mid-trial: each trial's first epoch's checkpoint is complete (renamed from .tmp-*)
+    lost = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
+    for p in lost:  # the sweep, its workers and their training processes, as a lost node
+        p.kill()
+    psutil.wait_procs(lost, timeout=30)
+    killed = sorted(t.number for t in trials(folder) if t.state.name == "RUNNING")
+    assert killed == [0, 1]
+    proc = ok(run_sweep(file, folder, *LEARNS, dataset=dataset_dir))
+    for number in killed:
+        assert f"trial {number}: its worker" in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("is gone; resuming it") == 2 and proc.stdout.count("resuming from ") == 2
+    after = trials(folder)
+    assert [t.state.name for t in after] == ["COMPLETE", "COMPLETE"]  # resumed from their checkpoints
+    assert sorted(t.params["lr"] for t in counted(folder)) == [0.01, 0.02]
+
+
+def test_a_worker_killed_right_after_asking_leaves_a_trial_the_next_worker_runs(tmp_path, dataset_dir):
+    """SIGKILL between asking the study for a trial and drawing its options: the trial is RUNNING with only its
+    owner; the next worker sees that owner gone, draws the options (the grid point the trial was given) and
+    runs it, then the rest of the grid."""
+    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.01, 0.02]}})
+    folder = tmp_path / "sweep"
+    kill = {"CIFAR_ACCELERATE_FAILPOINT": "kill_after_ask:0"}
+    killed = run_sweep(file, folder, *QUICK, dataset=dataset_dir, env=kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (asked,) = trials(folder)
+    assert asked.state.name == "RUNNING" and "options" not in asked.user_attrs and "owner" in asked.user_attrs
+    proc = ok(run_sweep(file, folder, *QUICK, dataset=dataset_dir))
+    assert "trial 0: its worker" in proc.stdout and "is gone; resuming it" in proc.stdout, proc.stdout[-3000:]
+    after = counted(folder)
+    assert [t.state.name for t in after] == ["COMPLETE", "COMPLETE"], [(t.number, t.state) for t in after]
+    assert sorted(t.params["lr"] for t in after) == [0.01, 0.02]
+    assert after[0].user_attrs["options"] == {"lr": after[0].params["lr"]}
+
+
+@pytest.mark.parametrize("when", ["mid-trial", "starting", "claimer-killed"])
+def test_a_worker_killed_alone_leaves_its_trial_at_a_checkpoint_for_the_next(tmp_path, dataset_dir, when):
+    """SIGKILL (the OOM killer) to a worker alone, mid-trial or while its trial's process is still starting
+    (before it registers): the training, no longer watched, stops at a checkpoint by itself instead of training
+    on; the next worker waits for it to stop, then resumes the trial from that checkpoint. claimer-killed: the
+    worker that claims the trial is killed too while it waits; the one after it waits for the same training."""
+    import psutil
+
+    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.02]}})
+    folder = tmp_path / "sweep"
+    env = {"CIFAR_ACCELERATE_DELAY": "preempted_save:25"}  # still stopping when the next worker starts
+    worker = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    if when == "starting":  # its process just started: still importing, nothing registered yet
+        assert worker.stdout.readline().startswith("trial 0: lr=0.02 -> ")
+        while time.time() < deadline and not psutil.Process(worker.pid).children():
+            time.sleep(0.05)
+    while when != "starting" and time.time() < deadline and not list(folder.glob("trial-*/checkpoints/e*")):
+        time.sleep(0.5)
+    (training,) = psutil.Process(worker.pid).children()
+    worker.kill()
+    worker.wait()
+    if when == "claimer-killed":
+        claimer = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT,
+                                   env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "is gone; resuming it" in claimer.stdout.readline()
+        assert claimer.stdout.readline().startswith("trial 0: waiting for its training processes")
+        claimer.kill()
+        claimer.wait()
+        assert training.is_running()  # still stopping (the delayed checkpoint), the trial claimed by nobody alive
+    proc = ok(run_sweep(file, folder, *LEARNS, dataset=dataset_dir, env=env))
+    left_alone = worker.stdout.read()  # to its end: the orphaned training, which shares the pipe, has exited
+    assert "preempted: checkpoint written" in left_alone, left_alone[-3000:]
+    assert "trial 0: waiting for its training processes" in proc.stdout, proc.stdout[-3000:]
+    assert "is gone; resuming it" in proc.stdout and "did not stop within" not in proc.stdout
+    stopped_at = re.search(r"optimizer steps in this attempt \(from step 0 to (\d+)\)", left_alone).group(1)
+    assert re.search(rf"resuming from .*step {stopped_at}\)", proc.stdout), proc.stdout[-3000:]  # one after the other
+    assert not training.is_running()
+    (trial,) = trials(folder)
+    assert trial.state.name == "COMPLETE"
+
+
+@pytest.mark.parametrize("sig,processes", [(signal.SIGINT, 1), (signal.SIGTERM, 2)], ids=["ctrl-c", "sigterm-ddp"])
+def test_a_stopped_worker_stops_its_trial_at_a_checkpoint_and_the_next_resumes_it(tmp_path, dataset_dir, sig,
+                                                                                 processes):
+    """Ctrl-C (SIGINT) or Slurm's SIGTERM to the worker alone: it passes the stop on to the trial's training
+    processes (under DDP, through accelerate launch, which turns exit 75 into 1), which checkpoint; the trial
+    stays RUNNING, the worker exits 75, and the next worker resumes the trial with the steps it lacked."""
+    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.02]}})
+    folder, options = tmp_path / "sweep", [*LEARNS, "--processes-per-trial", str(processes)]
+    env = {"ACCELERATE_USE_CPU": "true", "CIFAR_SWEEP_LAUNCH": "--dynamo_backend no --mixed_precision no"
+           } if processes > 1 else {}
+    worker = subprocess.Popen(sweep_cmd(file, folder, *options, dataset=dataset_dir), cwd=ROOT,
+                              env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(folder.glob("trial-*/checkpoints/e*")):
-        time.sleep(0.5)  # mid-trial: the first epoch's checkpoint is complete (renamed from .tmp-*)
-    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training process, as a lost node
-    worker.wait()
-    (killed,) = [t for t in trials(folder) if t.state.name == "RUNNING"]
-    proc = ok(run_sweep(file, folder, *slow, dataset=dataset_dir))
-    assert f"trial {killed.number}: its worker" in proc.stdout and "is gone; resuming it" in proc.stdout
-    assert "resuming from " in proc.stdout  # the training run continued from its checkpoint
-    after = trials(folder)
-    assert not [t for t in after if t.state.name == "RUNNING"]
-    assert after[killed.number].state.name == "COMPLETE"  # resumed from its checkpoint, the same trial
-    assert sorted(t.params["lr"] for t in counted(folder)) == [0.01, 0.02] and len(after) == 2
+        time.sleep(0.2)
+    worker.send_signal(sig)
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 75, err[-3000:]
+    (trial,) = trials(folder)
+    run = folder / "trial-0000-lr0.02"
+    assert trial.state.name == "RUNNING" and (run / "PREEMPTED").is_file(), err[-3000:]
+    assert "stopped with a checkpoint; the requeued worker, or the next one, resumes it" in out
+    assert "steps in this attempt (from step 0 " in out
+    proc = ok(run_sweep(file, folder, *options, dataset=dataset_dir, env=env))
+    assert "is gone; resuming it from its last checkpoint" in proc.stdout, proc.stdout
+    first = int(out.split(" optimizer steps in this attempt")[0].rsplit(maxsplit=1)[-1])
+    second = int(proc.stdout.split(" optimizer steps in this attempt")[0].rsplit(maxsplit=1)[-1])
+    total = json.loads((run / "summary.json").read_text())["steps"]
+    assert 0 < first < total and first + second == total  # the resumed trial took only the steps it lacked
+    (trial,) = trials(folder)
+    assert trial.state.name == "COMPLETE"
+
+
+def test_a_database_storage_holds_the_study_instead_of_the_journal(tmp_path, dataset_dir):
+    """--storage URL: the workers, the trials' epoch reports and the summary all use the database."""
+    import optuna
+
+    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.01, 0.02]}},
+                       early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2})
+    folder, url = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
+    ok(run_sweep(file, folder, "--storage", url, *QUICK, dataset=dataset_dir))
+    assert not (folder / "study.journal").exists()
+    done = optuna.load_study(study_name="sweep", storage=url).get_trials()
+    assert sorted(t.params["lr"] for t in done) == [0.01, 0.02] and all(t.state.name == "COMPLETE" for t in done)
+    assert all(t.intermediate_values for t in done)  # reported by each trial's training process
+    proc = subprocess.run([sys.executable, "-m", "train.sweep_summary", str(folder), "--storage", url], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (folder / "sweep_summary.md").read_text().count("| complete |") == 2, proc.stderr
+    bad = run_sweep(file, tmp_path / "other", "--storage", "nosuchdb://x", *QUICK, dataset=dataset_dir)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --storage nosuchdb://x: "), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
+    bad = run_sweep(file, tmp_path / "other", *QUICK, dataset=dataset_dir, env={"CIFAR_SWEEP_STORAGE": "nosuchdb://y"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --storage nosuchdb://y: "), bad.stderr
+    assert not (tmp_path / "other").exists()  # the URL from the environment, checked as early
 
 
 def test_a_diverged_trial_fails_and_the_worker_goes_on(tmp_path, dataset_dir):

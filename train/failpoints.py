@@ -2,7 +2,8 @@
 
 CIFAR_ACCELERATE_FAILPOINT=kill_after_step:7 kills the process right after optimizer
 step 7; kill_during_save:2 kills it halfway through writing its 2nd checkpoint;
-enospc_during_save:2 makes that write fail as on a full disk.
+enospc_during_save:2 makes that write fail as on a full disk; kill_after_ask:0 kills a sweep worker
+right after it asks the study for trial 0, before it draws the trial's options.
 CIFAR_ACCELERATE_DELAY=preempted_save:20 sleeps 20 s halfway through writing the checkpoint of a
 preemption (save:20: of every other checkpoint); data_prep:8 sleeps 8 s while a node prepares the
 data (on the process that prepares it). NAME@R:SECONDS sleeps at that point on global rank R only,

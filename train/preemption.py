@@ -7,12 +7,18 @@ caller then writes a checkpoint and exits with EXIT_PREEMPTED.
 
 Under Slurm, slurm/common.sh sets CIFAR_ACCELERATE_PID_DIR: each training process writes its pid
 there, so the batch script signals exactly the training processes, whatever the launch command.
+
+A sweep worker sets CIFAR_ACCELERATE_STOP_WITH to itself: a training process whose worker is gone (SIGKILL,
+the OOM killer) stops as if it got SIGTERM, at a checkpoint, instead of training on alone (train/sweep.py).
 """
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 # EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
@@ -20,25 +26,28 @@ from pathlib import Path
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PID_DIR_ENV = "CIFAR_ACCELERATE_PID_DIR"
+STOP_WITH_ENV = "CIFAR_ACCELERATE_STOP_WITH"  # "pid:start time" of the process whose end stops this one
 
 _received = None  # name of the first signal received, if any
 _listening = False
+_what = "stopping after this step to write a checkpoint"  # what the process says it does about a signal
 
 
 def _handle(signum, frame):
     global _received
     if _received is None:  # a second signal changes nothing: the checkpoint is already coming
         _received = signal.Signals(signum).name
-        print(f"received {_received}: stopping after this step to write a checkpoint", file=sys.stderr, flush=True)
+        print(f"received {_received}: {_what}", file=sys.stderr, flush=True)
 
 
-def listen() -> None:
-    """Record SIGTERM/SIGUSR1 from now on, and register this process as a training process."""
-    global _listening
+def listen(what: str = _what, signals=SIGNALS) -> None:
+    """Record SIGTERM/SIGUSR1 (or `signals`) from now on, and register this process as a training process
+    (a sweep worker registers too: it passes the signal on to its trial's processes, train/sweep.py)."""
+    global _listening, _what
     if _listening:
         return
-    _listening = True
-    for sig in SIGNALS:
+    _listening, _what = True, what
+    for sig in signals:
         signal.signal(sig, _handle)
     pid_dir = os.environ.get(PID_DIR_ENV)
     if pid_dir:
@@ -46,6 +55,36 @@ def listen() -> None:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(" ".join(sys.argv) + "\n")
         atexit.register(pid_file.unlink, missing_ok=True)
+    if os.environ.get(STOP_WITH_ENV):
+        pid, start = os.environ[STOP_WITH_ENV].split(":")
+        threading.Thread(target=_stop_with, args=(int(pid), float(start)), daemon=True).start()
+
+
+def this_process() -> str:
+    """This process as STOP_WITH_ENV names it: its pid and start time (a reused pid starts later)."""
+    import psutil  # Accelerate's dependency
+
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
+
+
+def _stop_with(pid: int, start: float, every: float = 1.0) -> None:
+    """Watch the process this one stops with; once it is gone, stop as on SIGTERM (at a checkpoint). Its start
+    time is compared once, within a second (a reused pid starts later); psutil then tells whether that same
+    process still runs, unmoved by changes of the wall clock."""
+    import psutil  # Accelerate's dependency
+
+    try:
+        watched = psutil.Process(pid)
+        alive = abs(watched.create_time() - start) < 1
+        while alive:
+            time.sleep(every)
+            alive = watched.is_running() and watched.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        pass  # gone
+    finally:
+        with contextlib.suppress(Exception):  # a closed or broken stderr must not keep this process going
+            print(f"the sweep process that started this one (pid {pid}) is gone", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def attempt() -> str:

@@ -1,5 +1,6 @@
 """The run folder: resolved config, per-epoch metrics, summary. Written by the main process only."""
 
+import json
 import os
 import platform
 from datetime import datetime
@@ -50,6 +51,11 @@ def write_config(path: Path, config: dict, env: dict) -> None:
 def write_metrics(path: Path, history: list) -> None:
     """Rewrite metrics.jsonl from a (resumed) history, so a redone epoch never appears twice."""
     atomic_write(path / METRICS, lambda tmp: tmp.write_text("".join(dumps(r) + "\n" for r in history)))
+
+
+def read_metrics(path: Path) -> list:
+    """The per-epoch records of metrics.jsonl, oldest first."""
+    return [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -5,7 +5,9 @@ tells its end; the trial's training process (its rank 0) reports the metric once
 to stop (`TrialReporter`). Nothing else is shared.
 
 Storage: `study.journal` in the sweep folder, Optuna's JournalFileBackend with its symlink lock (atomic on
-every NFS version; a lock left by a killed process is broken after LOCK_GRACE seconds), or a database URL.
+every NFS version; a lock left by a killed process is broken after LOCK_GRACE seconds; a record a dying
+writer left half-written is cut off by the next writer, drop_torn_record), or a database URL
+(`--storage`, Optuna's RDBStorage: for hundreds of workers, where one file's lock would be the bottleneck).
 Samplers: grid -> GridSampler (trial n takes grid point n, so concurrent workers never duplicate one);
 random -> RandomSampler, bayes -> TPESampler, each seeded per trial from (seed, trial number), so the same
 seed gives the same parameters whatever the number of workers (for bayes: when trials run one at a time).
@@ -14,7 +16,9 @@ a trial is first judged after min_iter epochs, then after min_iter * eta, ...; t
 """
 
 import math
+import os
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from train.sweep_config import Sweep, load_sweep
 
 JOURNAL = "study.journal"
 STUDY = "sweep"  # one study per sweep folder
+STORAGE_ENV = "CIFAR_SWEEP_STORAGE"  # a database URL (--storage) instead of the journal
 SWEEP_FILE = "sweep.yaml"  # the sweep file, as given, kept in its folder: every worker and trial reads it
 LOCK_GRACE = 60  # seconds an unchanged lock file is waited for before it counts as left by a dead process
 _U = (1e-6, 1 - 1e-6)  # normal-type parameters are drawn as a quantile u, then mapped: u=0 or 1 is infinite
@@ -39,11 +44,69 @@ def _optuna():
 
 
 def storage_for(folder: Path):
+    """The study's storage: the database of STORAGE_ENV when the sweep was started with --storage URL (the
+    worker sets it for its trials: a URL may hold a password, so it is kept out of files), else the journal."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
+    if os.environ.get(STORAGE_ENV):
+        return _database(os.environ[STORAGE_ENV])
     path = str(folder / JOURNAL)
-    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileSymlinkLock(path, grace_period=LOCK_GRACE)))
+
+    class Lock(JournalFileSymlinkLock):
+        """Optuna's symlink lock, which only writers take; once it is held, a torn last record is cut off."""
+
+        def acquire(self) -> bool:
+            acquired = super().acquire()
+            try:
+                if acquired:
+                    drop_torn_record(path)
+            except BaseException:  # Optuna releases only after a successful acquire
+                self.release()
+                raise
+            return acquired
+
+    return JournalStorage(JournalFileBackend(path, lock_obj=Lock(path, grace_period=LOCK_GRACE)))
+
+
+def drop_torn_record(path: str) -> None:
+    """Cut off a last record that lacks its newline: what a writer that died mid-write leaves (a lost NFS
+    client, a full disk). Readers skip such a record, but the next append would join it and the new record
+    into one unreadable line, and from then on every read of the study would fail. Call it holding the lock."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        keep, pos = 0, end
+        while pos > 0 and not keep:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            newline = f.read(step).rfind(b"\n")
+            keep = pos - step + newline + 1 if newline >= 0 else 0
+            pos -= step
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"warning: {path} ended in a record cut short ({end - keep} bytes, its writer died mid-write): "
+          f"dropped it", file=sys.stderr, flush=True)
+
+
+def _database(url: str):
+    from optuna.storages import RDBStorage
+
+    try:
+        return RDBStorage(url)
+    except Exception as e:  # sqlalchemy's errors: a bad URL, no driver, no server
+        shown = url.split("://")[0] + "://..." + url.split("@")[-1] if "@" in url else url  # no password
+        raise UsageError(f"--storage {shown}: {str(e).replace(url, shown).splitlines()[0]}") from None
+
+
+def has_study(folder: Path) -> bool:
+    """Whether a folder is a search sweep's (python -m train.sweep keeps the sweep file in it)."""
+    return (folder / SWEEP_FILE).is_file() and ((folder / JOURNAL).is_file() or bool(os.environ.get(STORAGE_ENV)))
 
 
 def open_study(sweep: Sweep, folder: Path, seed: int):

@@ -13,27 +13,37 @@ the grid is exhausted. The trial's rank 0 reports the metric each epoch and stop
 Ends of a trial: finished or pruned -> told COMPLETE / PRUNED; diverged (exit 3) -> FAIL, the worker goes on;
 bad input (exit 2) -> FAIL and the sweep stops (the same mistake in every trial); preempted (exit 75) -> left
 RUNNING, the worker exits 75 and the requeued worker resumes that trial (same number, same folder, --resume
-auto). A trial whose worker is gone for good (SIGKILL, a lost node: Slurm no longer knows its job, or its
-process no longer exists on this host) is resumed the same way by the next worker that starts, which claims
-it first with a file only one worker can create: its epochs so far are kept, and it never runs twice.
+auto); SIGTERM, SIGUSR1 (Slurm) or Ctrl-C to a worker stop its trial that way too, the signal passed on to
+the trial's training processes. A trial whose worker is gone for good (SIGKILL, a lost node: Slurm no longer
+knows its job, or its process no longer exists on this host) is resumed the same way by the next worker that
+starts, which claims it first with a file only one worker can create: its epochs so far are kept, and it never
+runs twice (a worker's training processes watch it: if it dies alone, they stop at a checkpoint, and the worker
+that claims the trial waits for them).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from train import run_dir, study
+from train import preemption, run_dir, study
 from train.config import build_parser, parse_config
 from train.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError, report_usage_error
+from train.failpoints import failpoint
 from train.preemption import EXIT_PREEMPTED
 from train.sweep_config import load_sweep
+
+STOP_GRACE = 120  # seconds a dead worker's training gets to stop at a checkpoint before the next worker kills it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,16 +57,20 @@ def parse_args(argv=None) -> tuple:
     parser.add_argument("file", help="sweep file (W&B's format; see configs/sweep-*.yaml)")
     parser.add_argument("--sweep-dir", default="", help="folder of the study and its runs (default: runs/sweep-"
                         "<Slurm array job id>, else runs/sweep-<file name>-<time>); several workers share one")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes on this machine (default: one "
+                        "per GPU, or per --processes-per-trial GPUs, times --workers-per-gpu; 1 without GPUs)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="workers sharing one GPU (small models)")
     parser.add_argument("--processes-per-trial", type=int, default=1,
                         help="processes (GPUs) per trial: DDP through accelerate launch when more than 1")
+    parser.add_argument("--storage", default="", help="a database URL for the study (Optuna's RDBStorage, e.g. "
+                        "postgresql://user@host/db) instead of the journal file: for hundreds of workers; or "
+                        f"{study.STORAGE_ENV} in the environment, out of `ps` for a URL with a password")
     parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the sampler (same seed, same trials)")
     parser.add_argument("--max-failures", type=int, default=3, help="failed trials in a row that stop a worker")
     parser.add_argument("--check", action="store_true", help="check the sweep file and options, train nothing")
     args, train_args = parser.parse_known_args(argv)
     for name in ("workers", "workers_per_gpu", "processes_per_trial", "max_failures"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     return args, train_args
 
@@ -147,21 +161,56 @@ def claim(folder: Path, trial, who: dict) -> bool:
     return True
 
 
-def orphans(folder: Path, trials) -> list:
-    """The RUNNING trials this worker continues: its own, left when it was preempted, and those whose worker is
-    gone for good, resumed from their last checkpoint (same number, same folder) by whichever worker claims them."""
+def orphan(folder: Path, trials):
+    """(trial, why, its dead worker or None) of the RUNNING trial this worker continues, or None: its own, left
+    when it was preempted, or one whose worker is gone for good, resumed from its last checkpoint (same number,
+    same folder) by whichever worker claims it. One at a time: a claimed trial is this worker's to run."""
     optuna = study._optuna()
-    found = []
     for t in trials:
         who = t.user_attrs.get("owner")
         if t.state != optuna.trial.TrialState.RUNNING or not who:
             continue
         if mine(who):
-            found.append((t, "this worker was preempted"))
-        elif not is_alive(who) and claim(folder, t, who):
-            found.append((t, f"its worker ({who['host']}, pid {who['pid']}{', ' + who['slurm'] if who['slurm'] else ''})"
-                             f" is gone"))
-    return found
+            return t, "this worker was preempted", None
+        if not is_alive(who) and claim(folder, t, who):
+            slurm = f", {who['slurm']}" if who["slurm"] else ""
+            return t, f"its worker ({who['host']}, pid {who['pid']}{slurm}) is gone", who
+    return None
+
+
+def wait_for_training(who: dict, number: int) -> None:
+    """A dead worker's training processes on this host stop at a checkpoint by themselves (they watch their
+    worker, train/preemption.py): wait for them, and for a trial process still starting up, so that the trial
+    never trains twice at once; kill what is left after STOP_GRACE seconds."""
+    dirs = local_pid_dirs(who)
+    if not dirs:
+        return
+    live, deadline = _all_pids(dirs), time.monotonic() + STOP_GRACE
+    if live:
+        print(f"trial {number}: waiting for its training processes (pid {', '.join(map(str, live))}) to stop at a "
+              f"checkpoint", flush=True)
+    while live and time.monotonic() < deadline:
+        time.sleep(0.5)
+        live = _all_pids(dirs)
+    if live:
+        print(f"trial {number}: pid {', '.join(map(str, live))} did not stop within {STOP_GRACE} s; killing them",
+              flush=True)
+        sessions = {pid for d in dirs for pid in _sessions(d)}
+        for pid in live:
+            with contextlib.suppress(OSError):
+                (os.killpg if pid in sessions else os.kill)(pid, signal.SIGKILL)
+        while _all_pids(dirs) and time.monotonic() < deadline + 30:
+            time.sleep(0.5)  # gone, and their GPU memory with them, before the trial starts again
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def local_pid_dirs(who: dict) -> list:
+    """The pid folders, on this host, of an owner's trial processes and of those its owner was still waiting
+    for (a worker killed during that wait passes it on to the next); none for another host's owner."""
+    if who.get("host") != socket.gethostname():
+        return []
+    return [d for d in map(Path, filter(None, (who.get("pids"), *who.get("waits", ())))) if d.is_dir()]
 
 
 def next_trial(s, sweep, seed: int):
@@ -171,6 +220,8 @@ def next_trial(s, sweep, seed: int):
     if sum(counted(t) for t in s.get_trials(deepcopy=False)) >= limit:
         return None
     trial = s.ask()
+    trial.set_user_attr("owner", owner())  # at once: a trial without an owner could never be told orphaned
+    failpoint("kill_after_ask", trial.number)
     before = sum(counted(t) for t in s.get_trials(deepcopy=False) if t.number < trial.number)
     if before >= limit or (sweep.method == "grid" and trial.number >= sweep.grid_size()):
         trial.set_user_attr("not_run", "asked past run_cap or the end of the grid")
@@ -208,9 +259,7 @@ def train_command(args, folder: Path, number: int, options: dict, train_args: li
 
 def objective(out: Path, sweep) -> float:
     """The trial's value: the best epoch's metric (max or min by the goal), from its metrics.jsonl."""
-    values = [json.loads(line)[sweep.record_key] for line in (out / run_dir.METRICS).read_text().splitlines()
-              if line.strip()]
-    return max(values) if sweep.goal == "maximize" else min(values)
+    return sweep.best([r[sweep.record_key] for r in run_dir.read_metrics(out)])
 
 
 def work(args, train_args: list, folder: Path) -> int:
@@ -220,10 +269,15 @@ def work(args, train_args: list, folder: Path) -> int:
     s = study.open_study(sweep, folder, args.sweep_seed)
     failures = 0
     while True:
-        left = orphans(folder, s.get_trials(deepcopy=False))
+        if preemption.requested():
+            print(f"worker {owner()['slot']}: stopping on {preemption.signalled()}, before its next trial", flush=True)
+            return EXIT_PREEMPTED
+        left, gone = orphan(folder, s.get_trials(deepcopy=False)), None
         if left:
-            (frozen, why), *_ = left
-            trial, options = optuna.trial.Trial(s, frozen._trial_id), frozen.user_attrs["options"]
+            frozen, why, gone = left
+            trial = optuna.trial.Trial(s, frozen._trial_id)
+            options = frozen.user_attrs.get("options") or study.suggest(s, trial, sweep, args.sweep_seed)
+            trial.set_user_attr("options", options)  # drawn now if its worker died first; stored ones stay
             print(f"trial {trial.number}: {why}; resuming it from its last checkpoint", flush=True)
         else:
             asked = next_trial(s, sweep, args.sweep_seed)
@@ -232,24 +286,26 @@ def work(args, train_args: list, folder: Path) -> int:
                 return 0
             trial, options = asked
             trial.set_user_attr("options", options)
-        trial.set_user_attr("owner", owner())
+        pid_dir = Path(tempfile.mkdtemp(prefix=f"cifar-sweep-trial-{trial.number:04d}-"))
+        # The owner before any wait: should this worker die during it, the next one waits for the same processes.
+        waits = [str(d) for d in local_pid_dirs(gone)] if gone else []
+        trial.set_user_attr("owner", {**owner(), "pids": str(pid_dir), "waits": waits})
+        if gone:
+            wait_for_training(gone, trial.number)
         out = run_folder(folder, trial.number, options)
         trial.set_user_attr("run_folder", str(out))
         print(f"trial {trial.number}: {' '.join(f'{k}={_short(v)}' for k, v in options.items())} -> {out}",
               flush=True)
-        code, last_error = run_trial(train_command(args, folder, trial.number, options, train_args))
-        if code == EXIT_PREEMPTED:
-            print(f"trial {trial.number}: preempted; the requeued worker resumes it", flush=True)
+        command = train_command(args, folder, trial.number, options, train_args)
+        code, last_error, preempted = run_trial(command, out, pid_dir)
+        if preempted or (code and preemption.requested()):
+            # Left RUNNING: this worker's requeued job resumes it, or whichever worker finds it orphaned.
+            how = "with a checkpoint" if preempted else f"before its checkpoint (exit status {code})"
+            print(f"trial {trial.number}: stopped {how}; the requeued worker, or the next one, resumes it",
+                  flush=True)
             return EXIT_PREEMPTED
         if code == 0:
-            summary = json.loads((out / run_dir.SUMMARY).read_text())
-            pruned = summary.get("pruned_at_epoch")
-            trial.set_user_attr("test_acc", summary["test_acc"])
-            trial.set_user_attr("test_f1_macro", summary["test_f1_macro"])
-            if pruned:
-                _tell(s, trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                _tell(s, trial, objective(out, sweep))
+            finished(s, trial, out, sweep)
             failures = 0
             continue
         reason = last_error or f"exit status {code}"
@@ -266,6 +322,18 @@ def work(args, train_args: list, folder: Path) -> int:
             return 1
 
 
+def finished(s, trial, out: Path, sweep) -> None:
+    """Tell the study how a trial that ran to its end did: pruned, or its best epoch's metric."""
+    optuna = study._optuna()
+    summary = json.loads((out / run_dir.SUMMARY).read_text())
+    trial.set_user_attr("test_acc", summary["test_acc"])
+    trial.set_user_attr("test_f1_macro", summary["test_f1_macro"])
+    if summary.get("pruned_at_epoch"):
+        _tell(s, trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        _tell(s, trial, objective(out, sweep))
+
+
 def _tell(s, trial, value=None, state=None) -> None:
     """study.tell; the trial is stored even when GridSampler then raises: after the last grid point it stops
     the study, which only study.optimize expects."""
@@ -276,15 +344,89 @@ def _tell(s, trial, value=None, state=None) -> None:
             raise
 
 
-def run_trial(command: list) -> tuple:
-    """Run a trial's training, its output passed through as it comes; (exit status, its last error line)."""
-    last = ""
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
-        for line in proc.stderr:
-            sys.stderr.write(line)
+def run_trial(command: list, out: Path, pid_dir: Path) -> tuple:
+    """Run a trial's training, its output passed through as it comes, and a stop signal this worker receives
+    passed on to its training processes (they register their pids in pid_dir, as under slurm/common.sh, and
+    stop at a checkpoint by themselves should this worker die); (exit status, its last error line, whether it
+    stopped with a checkpoint for preemption: its PREEMPTED marker)."""
+    signalled = set()
+    env = {**os.environ, preemption.PID_DIR_ENV: str(pid_dir), preemption.STOP_WITH_ENV: preemption.this_process()}
+    # stderr to a file, not a pipe: a training whose worker died must still be able to write while it stops.
+    with open(pid_dir / "stderr", "w") as err, \
+            subprocess.Popen(command, stderr=err, start_new_session=True, env=env) as proc:  # Ctrl-C: ours
+        (pid_dir / f"session-{proc.pid}").touch()  # known before its processes register, for wait_for_training
+        tail = _Tail(pid_dir / "stderr")
+        while proc.poll() is None or _trial_pids(pid_dir):  # a launcher killed by the same SIGTERM goes first
+            _forward(pid_dir, signalled)
+            tail.read()
+            time.sleep(0.2)
+        tail.read(final=True)
+    shutil.rmtree(pid_dir, ignore_errors=True)
+    return proc.returncode, tail.last_error, (out / run_dir.MARKER).exists()  # train/main.py clears it at start
+
+
+class _Tail:
+    """A growing file's new lines, passed on to this process's stderr; the last "error: " line kept."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.pending, self.last_error = path, 0, b"", ""
+
+    def read(self, final: bool = False) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            self.pending += f.read()
+            self.offset = f.tell()
+        *lines, self.pending = self.pending.split(b"\n")
+        if final and self.pending:
+            lines.append(self.pending)
+        for line in (raw.decode(errors="replace") for raw in lines):
+            with contextlib.suppress(OSError, ValueError):  # this worker's own stderr broken: go on forwarding
+                sys.stderr.write(line + "\n")
             if line.startswith("error: "):
-                last = line[len("error: "):].strip()
-    return proc.returncode, last
+                self.last_error = line[len("error: "):].strip()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+
+
+def _all_pids(dirs: list) -> list:
+    """The live processes of the trials whose pid folders are `dirs`, their first processes included."""
+    return sorted({pid for d in dirs for pid in _trial_pids(d, session=True)})
+
+
+def _trial_pids(pid_dir: Path, session: bool = False) -> list:
+    """The trial's live training processes: the pids registered in its folder (by train/preemption.py), each
+    still the process that wrote it (created before its file; a reused pid is younger), possibly orphaned by a
+    launcher that died first; with `session`, also the trial's first process (train/main.py or its launcher,
+    the leader of the trial's session), which registers nothing."""
+    import psutil  # Accelerate's dependency
+
+    live = []
+    for file in pid_dir.iterdir() if pid_dir.is_dir() else ():
+        try:
+            p = psutil.Process(int(file.name.removeprefix("session-") if session else file.name))
+            if p.create_time() <= file.stat().st_mtime + 1 and p.status() != psutil.STATUS_ZOMBIE:
+                live.append(p.pid)
+        except (ValueError, OSError, psutil.Error):
+            continue  # not a pid, gone, or its file removed as it exited
+    return sorted(set(live))
+
+
+def _sessions(pid_dir: Path) -> set:
+    return {int(f.name.removeprefix("session-")) for f in pid_dir.glob("session-*")}
+
+
+def _forward(pid_dir: Path, signalled: set) -> None:
+    """Pass the signal this worker received on to each training process, once (INT as TERM: the training
+    checkpoints on TERM); a process that registers later gets it then."""
+    name = preemption.signalled()
+    if not name:
+        return
+    sig = signal.SIGTERM if name == "SIGINT" else signal.Signals[name]
+    for pid in _trial_pids(pid_dir):
+        if pid not in signalled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            signalled.add(pid)
 
 
 def study_line(s) -> str:
@@ -298,19 +440,53 @@ def study_line(s) -> str:
 # ---- several workers --------------------------------------------------------------------------
 
 def start_workers(args, argv: list, folder: Path) -> int:
-    """--workers N: N worker processes on this machine, one GPU per --workers-per-gpu of them."""
-    gpus = _gpus()
+    """--workers N: N worker processes on this machine, one GPU per --workers-per-gpu of them, the CPUs shared.
+    A stop signal (Ctrl-C too) is passed on to every worker, and each stops its trial at a checkpoint."""
+    threads = max(1, len(os.sched_getaffinity(0)) // (args.workers * args.processes_per_trial))
     procs = []
-    for i in range(args.workers):
-        env = {**os.environ, "CIFAR_SWEEP_SLOT": str(i)}
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+    for sig in (*preemption.SIGNALS, signal.SIGINT):
+        signal.signal(sig, forward)
+    for i, gpus in enumerate(worker_gpus(_gpus(), args.workers, args.workers_per_gpu, args.processes_per_trial)):
+        env = {"OMP_NUM_THREADS": str(threads), **os.environ, "CIFAR_SWEEP_SLOT": str(i),
+               preemption.STOP_WITH_ENV: preemption.this_process()}  # a worker stops should this process die
         if gpus:
-            first = (i // args.workers_per_gpu) * args.processes_per_trial
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[(first + k) % len(gpus)]
-                                                   for k in range(args.processes_per_trial))
-        command = [sys.executable, "-m", "train.sweep", *argv, "--workers", "1", "--sweep-dir", str(folder)]
-        procs.append(subprocess.Popen(command, env=env, start_new_session=True))
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+            print(f"worker {i}: GPU {gpus}", flush=True)
+        command = [sys.executable, "-m", "train.sweep", *_without_storage(argv), "--workers", "1", "--sweep-dir",
+                   str(folder)]
+        procs.append(subprocess.Popen(command, env=env, start_new_session=True))  # Ctrl-C: ours to pass on
     codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    # Bad input stops the sweep; a preempted worker's job is requeued (slurm/sweep.sh); else the first failure.
+    return next((c for c in (EXIT_USAGE, EXIT_PREEMPTED) if c in codes), next((c for c in codes if c), 0))
+
+
+def _without_storage(argv: list) -> list:
+    """The command line less --storage URL: the workers get it in the environment, out of `ps` (a password)."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--storage" and not arg.startswith("--storage="):
+            kept.append(arg)
+        skip = arg == "--storage"
+    return kept
+
+
+def worker_gpus(gpus: list, workers: int, per_gpu: int, per_trial: int) -> list:
+    """Each worker's CUDA_VISIBLE_DEVICES ("" without GPUs): per_gpu workers share each group of per_trial
+    GPUs, groups in order, around again when there are more workers than groups."""
+    if not gpus:
+        return [""] * workers
+    return [",".join(gpus[((i // per_gpu) * per_trial + k) % len(gpus)] for k in range(per_trial))
+            for i in range(workers)]
+
+
+def default_workers(args) -> int:
+    """One worker per GPU (per --processes-per-trial GPUs), times --workers-per-gpu; one GPU-less one on CPU."""
+    return max(1, len(_gpus()) // args.processes_per_trial) * args.workers_per_gpu
 
 
 def _gpus() -> list:
@@ -337,9 +513,16 @@ def main(argv=None) -> int:
             return 0
         study._optuna()
         folder = sweep_folder(args)
+        args.storage = args.storage or os.environ.get(study.STORAGE_ENV, "")  # given so: out of `ps` too
+        if args.storage:
+            os.environ[study.STORAGE_ENV] = args.storage  # for this worker, the others and every trial
+            study.storage_for(folder)  # a bad database URL is one line before the folder is made
         prepare_folder(folder, args.file)
+        args.workers = args.workers or default_workers(args)
         if args.workers > 1:
             return start_workers(args, argv, folder)
+        preemption.listen("passing it on to the running trial, which stops at its next checkpoint; then this "
+                          "worker stops", signals=(*preemption.SIGNALS, signal.SIGINT))
         return work(args, train_args, folder)
     except UsageError as e:
         return report_usage_error(e)

@@ -87,6 +87,10 @@ class Sweep:
     def record_key(self) -> str:
         return METRICS[self.metric]
 
+    def best(self, values: list):
+        """The best of a trial's per-epoch metric values, by the goal."""
+        return max(values) if self.goal == "maximize" else min(values)
+
     def grid_size(self) -> int:
         return math.prod(len(p.grid()) for p in self.parameters)
 

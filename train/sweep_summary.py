@@ -4,15 +4,16 @@
 
 Writes sweep_summary.md, sweep_summary.csv and sweep_summary.png into that folder and prints the
 table. Runs that have not finished are listed with their state, never left out. A search sweep's folder
-(python -m train.sweep: it holds study.journal) gets one row per trial instead, from the study and the
-trials' run folders, the best trial, and three plots: sweep_history.png (Optuna's optimisation history),
-sweep_importance.png (parameter importances) and sweep_curves.png (every trial's validation metric per
-epoch, pruned trials marked where they stopped).
+(python -m train.sweep: it holds the sweep file and study.journal, or give --storage URL) gets one row per
+trial instead, from the study and the trials' run folders, the best trial, and three plots:
+sweep_history.png (Optuna's optimisation history), sweep_importance.png (parameter importances) and
+sweep_curves.png (every trial's validation metric per epoch, pruned trials marked where they stopped).
 """
 
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _read_json(path: Path):
 
 def history(run: Path) -> list:
     try:
-        return [json.loads(line) for line in (run / run_dir.METRICS).read_text().splitlines() if line.strip()]
+        return run_dir.read_metrics(run)
     except (OSError, ValueError):
         return []
 
@@ -66,10 +67,19 @@ def _cell(value) -> str:
     return str(value)
 
 
-def markdown(rows: list) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: list, columns: list = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_table(folder: Path, text: str, rows: list, columns: list) -> None:
+    """sweep_summary.md (the text) and sweep_summary.csv (the rows) in the sweep folder."""
+    (folder / "sweep_summary.md").write_text(text)
+    with open(folder / "sweep_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot(runs: list, path: Path) -> None:
@@ -99,11 +109,7 @@ def summarise(folder: Path) -> list:
     if not runs:
         raise UsageError(f"{folder} holds no run folders")
     rows = [run_row(run) for run in runs]
-    (folder / "sweep_summary.md").write_text(markdown(rows))
-    with open(folder / "sweep_summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(folder, markdown(rows), rows, COLUMNS)
     plot(runs, folder / "sweep_summary.png")
     return rows
 
@@ -113,14 +119,20 @@ def summarise(folder: Path) -> list:
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
-def search_rows(folder: Path, s, sweep) -> list:
+def trial_histories(folder: Path, s) -> dict:
+    """{trial number: its run folder's per-epoch records} for the trials that were run."""
+    return {t.number: history(folder / Path(t.user_attrs.get("run_folder", "-")).name)
+            for t in s.get_trials(deepcopy=False) if not t.user_attrs.get("not_run")}
+
+
+def search_rows(s, sweep, histories: dict) -> list:
     rows = []
     for t in s.get_trials(deepcopy=False):
-        if t.user_attrs.get("not_run"):
+        if t.number not in histories:
             continue
-        records = history(folder / Path(t.user_attrs.get("run_folder", "-")).name)
+        records = histories[t.number]
         values = [r[sweep.record_key] for r in records]
-        best = (max if sweep.goal == "maximize" else min)(values) if values else ""
+        best = sweep.best(values) if values else ""
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
         rows.append({"trial": t.number, "parameters": _parameters(t),
                      "state": STATES.get(t.state.name, t.state.name.lower()), "epochs": len(records),
@@ -135,7 +147,7 @@ def _parameters(trial) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
-def search_plots(folder: Path, s, sweep) -> list:
+def search_plots(folder: Path, s, sweep, histories: dict) -> list:
     """The three plots; returns notes on any that could not be drawn (too few finished trials)."""
     import warnings
 
@@ -160,7 +172,7 @@ def search_plots(folder: Path, s, sweep) -> list:
         plt.close("all")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in s.get_trials(deepcopy=False):
-        records = history(folder / Path(t.user_attrs.get("run_folder", "-")).name)
+        records = histories.get(t.number)
         if not records:
             continue
         epochs, values = [r["epoch"] for r in records], [r[sweep.record_key] for r in records]
@@ -184,37 +196,39 @@ def summarise_search(folder: Path) -> tuple:
     from train.sweep_config import load_sweep
 
     sweep = load_sweep(str(folder / study.SWEEP_FILE))
-    s = study._optuna().load_study(study_name=study.STUDY, storage=study.storage_for(folder))
-    rows = search_rows(folder, s, sweep)
+    try:
+        s = study._optuna().load_study(study_name=study.STUDY, storage=study.storage_for(folder))
+    except KeyError:  # the journal is there, the first worker has not created the study in it yet
+        raise UsageError(f"{folder} has no study yet: its first worker is starting; try again in a moment") from None
+    histories = trial_histories(folder, s)
+    rows = search_rows(s, sweep, histories)
     columns = list(rows[0]) if rows else ["trial"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
+    lines = [markdown(rows, columns).rstrip("\n")]
     complete = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if complete:
         best = s.best_trial
         lines += ["", f"Best trial: {best.number} ({sweep.metric} {best.value:.4f}): "
                       + _parameters(best)]
-    notes = search_plots(folder, s, sweep)
+    notes = search_plots(folder, s, sweep, histories)
     lines += ["", f"{sweep.method} sweep, {len(rows)} trials: " + ", ".join(
         f"{sum(r['state'] == state for r in rows)} {state}" for state in dict.fromkeys(r["state"] for r in rows))]
     lines += [f"Note: {note}" for note in notes]
     text = "\n".join(lines) + "\n"
-    (folder / "sweep_summary.md").write_text(text)
-    with open(folder / "sweep_summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(folder, text, rows, columns)
     return rows, text
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a sweep folder, e.g. runs/sweep-12345")
+    parser.add_argument("--storage", default="", help="the database URL the sweep was started with (--storage)")
     args = parser.parse_args(argv)
     try:
-        from train.study import JOURNAL
+        from train import study
 
-        if (args.folder / JOURNAL).is_file():
+        if args.storage:
+            os.environ[study.STORAGE_ENV] = args.storage
+        if study.has_study(args.folder):
             _, text = summarise_search(args.folder)
             print(text, end="")
             print(f"\nwritten: {args.folder}/sweep_summary.md, .csv, sweep_history.png, sweep_importance.png, "
