@@ -45,12 +45,20 @@ def test_waiting_ranks_outlast_a_slow_preparation_within_the_timeout(dataset_dir
 # train.main.main() as `accelerate launch train/main.py` runs it, then what is left of the process group.
 # Then the threads main() left that end once train.runner's side group is let go: gloo's, which would otherwise
 # be joined (or not: std::terminate) only at interpreter exit.
-AFTER_MAIN = ("import gc, os, sys\nimport torch.distributed as dist\nimport train.runner\nfrom train.main import main\n"
+# Threads end asynchronously (gloo's after their group goes, W&B's and tqdm's after the run), so each count waits
+# until the number has not changed for a second: a thread that ends late is neither missed nor miscounted.
+AFTER_MAIN = ("import gc, os, sys, time\nimport torch.distributed as dist\n"
+              "import train.runner\nfrom train.main import main\n"
+              "def settled_threads():\n"
+              "    counts, deadline = [], time.monotonic() + 20\n"
+              "    while time.monotonic() < deadline and (len(counts) < 10 or len(set(counts[-10:])) > 1):\n"
+              "        counts.append(len(os.listdir('/proc/self/task')))\n        time.sleep(0.1)\n"
+              "    return counts[-1]\n"
               "code = main(sys.argv[1:])\n"
               "print('process group after the run:', 'up' if dist.is_initialized() else 'destroyed', flush=True)\n"
-              "threads = len(os.listdir('/proc/self/task'))\n"
+              "threads = settled_threads()\n"
               "train.runner._side_group = (None, None)\ngc.collect()\n"
-              "print('threads main() left to exit:', threads - len(os.listdir('/proc/self/task')), flush=True)\n"
+              "print('threads main() left to exit:', threads - settled_threads(), flush=True)\n"
               "sys.exit(code)\n")
 
 
