@@ -106,6 +106,26 @@ def _sweep_trials(folder) -> list:
         return []
 
 
+def test_a_trials_owner_is_alive_while_slurm_knows_its_job_and_no_answer_is_no_proof(slurm, tmp_path, monkeypatch):
+    """A worker claims an orphaned trial only on Slurm's word that the owner's job ended: an empty queue, or an
+    id Slurm has forgotten. A controller that does not answer (squeue fails) leaves the trial to its owner."""
+    from train.sweep import is_alive
+
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    job = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--mem=100M", f"--output={tmp_path}/%j.out",
+                          "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
+    assert is_alive({"slurm": job})
+    subprocess.run(["scancel", job], check=True)
+    wait(slurm, job)
+    assert not is_alive({"slurm": job})
+    assert not is_alive({"slurm": "99999999_1"})
+    conf = Path(slurm["SLURM_CONF"]).read_text()
+    unreachable = tmp_path / "slurm.conf"  # the same cluster, its controller on a port nobody listens on
+    unreachable.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=16899", conf))
+    monkeypatch.setenv("SLURM_CONF", str(unreachable))
+    assert is_alive({"slurm": job})
+
+
 def test_sweep_sh_array_searches_through_a_preemption_and_resumes_the_same_trial(job_env, tmp_path, dataset_dir):
     """2 array tasks are 2 workers of one random search; task 0 gets the time limit's USR1 mid-trial, stops it
     at a checkpoint and is requeued; the requeued task resumes that trial (same number, same folder) with the

@@ -118,15 +118,19 @@ def owner() -> dict:
 
 
 def is_alive(who: dict) -> bool:
-    """Whether a trial's owner may still be running: its Slurm job is still known to Slurm (requeued jobs are),
-    or, without Slurm, its process still exists on this host. Another host's process cannot be checked."""
+    """Whether a trial's owner may still be running: its Slurm job is still queued or running (requeued jobs
+    are), or, without Slurm, its process still exists on this host. Another host's process cannot be checked.
+    Slurm's answer is an empty queue for a job that ended, "Invalid job id" once it is forgotten; anything else
+    (the controller unreachable or busy) is no answer, and no answer is no proof."""
     if who.get("slurm"):
         try:
-            states = subprocess.run(["squeue", "-h", "-j", who["slurm"], "-o", "%T"], capture_output=True,
-                                    text=True, timeout=30).stdout.split()
+            queue = subprocess.run(["squeue", "-h", "-j", who["slurm"], "-o", "%T"], capture_output=True,
+                                   text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
-            return True  # no answer is no proof
-        return bool(states)
+            return True
+        if queue.returncode:
+            return "Invalid job id" not in queue.stderr
+        return bool(queue.stdout.split())
     if who.get("host") != socket.gethostname():
         return True
     try:
