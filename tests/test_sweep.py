@@ -285,7 +285,8 @@ def test_a_worker_killed_alone_leaves_its_trial_at_a_checkpoint_for_the_next(tmp
 
     file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.02]}})
     folder = tmp_path / "sweep"
-    env = {"CIFAR_ACCELERATE_DELAY": "preempted_save:25"}  # still stopping when the next worker starts
+    release = tmp_path / "release"  # the orphaned training's checkpoint waits for it: still stopping when the
+    env = {"CIFAR_ACCELERATE_DELAY": f"preempted_save:{release}"}  # next worker starts, until that one waits
     worker = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
@@ -306,7 +307,13 @@ def test_a_worker_killed_alone_leaves_its_trial_at_a_checkpoint_for_the_next(tmp
         claimer.kill()
         claimer.wait()
         assert training.is_running()  # still stopping (the delayed checkpoint), the trial claimed by nobody alive
-    proc = ok(run_sweep(file, folder, *LEARNS, dataset=dataset_dir, env=env))
+    last = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = [last.stdout.readline(), last.stdout.readline()]
+    assert training.is_running(), seen  # it waited for the training: let the training's checkpoint finish
+    release.touch()
+    out, err = last.communicate(timeout=900)
+    proc = ok(subprocess.CompletedProcess(last.args, last.returncode, "".join(seen) + out, err))
     left_alone = worker.stdout.read()  # to its end: the orphaned training, which shares the pipe, has exited
     assert "preempted: checkpoint written" in left_alone, left_alone[-3000:]
     assert "trial 0: waiting for its training processes" in proc.stdout, proc.stdout[-3000:]

@@ -8,6 +8,7 @@ CIFAR_ACCELERATE_DELAY=preempted_save:20 sleeps 20 s halfway through writing the
 preemption (save:20: of every other checkpoint); data_prep:8 sleeps 8 s while a node prepares the
 data (on the process that prepares it). NAME@R:SECONDS sleeps at that point on global rank R only,
 whichever process the point otherwise means (data_prep@1:8: rank 1, before it prepares or waits).
+NAME:PATH (an absolute path) waits at that point until PATH exists, at most 10 minutes: the test says when.
 Unset (always, outside tests), they do nothing.
 """
 
@@ -29,8 +30,15 @@ def failpoint(name: str, count: int, path=None) -> None:
 
 
 def delay(name: str, here: bool = True) -> None:
-    """Sleep at point `name`: NAME:S where the caller says `here`, NAME@R:S on global rank R only."""
-    point, _, seconds = os.environ.get(DELAY_ENV, "").partition(":")
+    """Sleep at point `name`: NAME:S where the caller says `here`, NAME@R:S on global rank R only; NAME:PATH
+    until PATH exists."""
+    point, _, until = os.environ.get(DELAY_ENV, "").partition(":")
     point, _, rank = point.partition("@")
-    if point == name and (os.environ.get("RANK", "0") == rank if rank else here):
-        time.sleep(float(seconds))
+    if point != name or not (os.environ.get("RANK", "0") == rank if rank else here):
+        return
+    if not until.startswith("/"):
+        time.sleep(float(until))
+        return
+    deadline = time.monotonic() + 600
+    while not os.path.exists(until) and time.monotonic() < deadline:
+        time.sleep(0.1)
