@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -40,7 +41,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, dataset_dir):
-    """Start every case at once (each is a cold Python start), then collect them."""
+    """Run the cases a few at a time (each is a cold start importing torch: all at once, 17 of them would need
+    ~12 GB and thrash 2 cores), each with its output read as it comes."""
     import datasets
 
     tmp = tmp_path_factory.mktemp("bad")
@@ -50,13 +52,17 @@ def outcomes(tmp_path_factory, dataset_dir):
     (tmp / "bad.yaml").write_text("learning_rate: 0.1\n")
     places = {"tmp": tmp, "noimg": noimg, "badlabels": write_out_of_range_labels(tmp / "badlabels"),
               "good": dataset_dir, "badconfig": tmp / "bad.yaml"}
-    procs = {}
-    for name, (args, env, _) in CASES.items():
+
+    def run(name):
+        args, env, _ = CASES[name]
         argv = [a.format(**places) for a in args] + ["--output-dir", str(tmp / "runs" / name.replace(" ", "-"))]
         env = {k: v.format(**places) for k, v in env.items()}
-        procs[name] = subprocess.Popen([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env),
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+        p = subprocess.run([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env), capture_output=True,
+                           text=True, timeout=300)
+        return p.returncode, p.stdout, p.stderr
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(CASES, pool.map(run, CASES)))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -164,7 +164,7 @@ def _start(cmd_args, pid_dir: Path, processes=0, entry=(MAIN,)):
 
 def _signal_when_training(proc, out, pid_dir, sig, rank=0, processes=1):
     """Wait for the first checkpoint (training is under way), then signal one rank's process."""
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (out / "checkpoints").is_dir() or not any(p.name.startswith("e") for p in
                                                          (out / "checkpoints").iterdir()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
