@@ -41,8 +41,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, dataset_dir):
-    """Run the cases a few at a time (each is a cold start importing torch: all at once, 17 of them would need
-    ~12 GB and thrash 2 cores), each with its output read as it comes."""
+    """Run the cases a few at a time (each is a cold start importing torch: all at once, 16 of them would need
+    ~11 GB and thrash 2 cores), each with its output read as it comes."""
     import datasets
 
     tmp = tmp_path_factory.mktemp("bad")

@@ -287,8 +287,12 @@ def test_a_worker_killed_alone_leaves_its_trial_at_a_checkpoint_for_the_next(tmp
     folder = tmp_path / "sweep"
     release = tmp_path / "release"  # the orphaned training's checkpoint waits for it: still stopping when the
     env = {"CIFAR_ACCELERATE_DELAY": f"preempted_save:{release}"}  # next worker starts, until that one waits
-    worker = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def start(stderr=subprocess.DEVNULL):
+        return subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+    worker = start()
     deadline = time.time() + 300
     if when == "starting":  # its process just started: still importing, nothing registered yet
         assert worker.stdout.readline().startswith("trial 0: lr=0.02 -> ")
@@ -300,15 +304,13 @@ def test_a_worker_killed_alone_leaves_its_trial_at_a_checkpoint_for_the_next(tmp
     worker.kill()
     worker.wait()
     if when == "claimer-killed":
-        claimer = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT,
-                                   env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        claimer = start()
         assert "is gone; resuming it" in claimer.stdout.readline()
         assert claimer.stdout.readline().startswith("trial 0: waiting for its training processes")
         claimer.kill()
         claimer.wait()
         assert training.is_running()  # still stopping (the delayed checkpoint), the trial claimed by nobody alive
-    last = subprocess.Popen(sweep_cmd(file, folder, *LEARNS, dataset=dataset_dir), cwd=ROOT, env=child_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = start(stderr=subprocess.PIPE)
     seen = [last.stdout.readline(), last.stdout.readline()]
     assert training.is_running(), seen  # it waited for the training: let the training's checkpoint finish
     release.touch()
