@@ -1,9 +1,14 @@
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,12 +24,15 @@ FAST = ["--arch", "resnet18", "--batch-size", "32", "--eval-batch-size", "64", "
         "--log-every", "2"]
 
 
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Before anything imports huggingface_hub or datasets (they read these once): calls in this process see what a
+# child sees.
+os.environ.update({k: CHILD_ENV[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")})
+
+
 def child_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+    return {**os.environ, **CHILD_ENV, **extra}
 
 
 def run_main(args, *, processes: int = 0, env=None, timeout=600, launch_args=()) -> subprocess.CompletedProcess:
@@ -39,6 +47,60 @@ def run_main(args, *, processes: int = 0, env=None, timeout=600, launch_args=())
         cmd = [sys.executable, MAIN, *args]
         env = child_env(**(env or {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _as_a_child(env: dict):
+    """This process dressed as run_main's child for one call: its environment, one thread, its own signal
+    handlers, warning filters and Accelerate state, all put back afterwards."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from train import preemption
+
+    saved_env, threads, cwd = dict(os.environ), torch.get_num_threads(), os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in (*preemption.SIGNALS, signal.SIGINT)}
+    os.environ.update(env)
+    os.chdir(ROOT)
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a child: bit-identical numbers
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        preemption._received, preemption._listening = None, False
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def call(name: str, *args, env=None) -> subprocess.CompletedProcess:
+    """`python -m NAME ARGS...` in this process, output captured: for tests whose subject is what the command
+    does, not the process it runs in (a cold start costs ~6 s of imports). Its `main(argv)` is what the
+    module's `__main__` block calls; an exception is exit status 1 with its traceback on stderr, as in a process.
+    Modules that read their environment at import (huggingface_hub's cache and offline flags) need module()."""
+    import importlib
+
+    argv = list(map(str, args))
+    out, err = io.StringIO(newline=None), io.StringIO(newline=None)  # newlines as text-mode pipes give them
+    with _as_a_child({**CHILD_ENV, **(env or {})}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module(name).main(argv)
+        except SystemExit as e:  # argparse's errors and --help
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([name, *argv], code or 0, out.getvalue(), err.getvalue())
+
+
+def main_in_process(args, env=None) -> subprocess.CompletedProcess:
+    """train/main.py ARGS in this process (see call()): one process, no signal or launcher under test."""
+    return call("train.main", *args, env=env)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -124,6 +186,14 @@ def resume_reference(dataset_dir, tmp_path_factory) -> Path:
     """An uninterrupted run that interrupted-and-resumed runs must reproduce exactly."""
     out = tmp_path_factory.mktemp("ref") / "run"
     check(run_main(resume_args(dataset_dir, out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ddp_resume_reference(dataset_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run (4 steps an epoch): what resumed DDP and 2-node runs reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ddp-ref") / "run"
+    check(run_main(resume_args(dataset_dir, out), processes=2))
     return out
 
 

@@ -1,15 +1,15 @@
-"""Each kind of bad input: one line on stderr naming the problem, exit status 2, no traceback."""
+"""Each kind of bad input: one line on stderr naming the problem, exit status 2, no traceback.
+
+What train/main.py does with each case is checked in this process (main_in_process); that the process itself
+exits 2 with that one line, by one real cold start (test_a_real_process_exits_2_with_the_line)."""
 
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import MAIN, ROOT, child_env
+from conftest import MAIN, ROOT, child_env, main_in_process
 from test_data import write_out_of_range_labels
-
-pytestmark = pytest.mark.slow  # a cold Python start per case
 
 CASES = {
     "unknown arch": (["--arch", "mobilenet_v5"], {}, "unknown --arch 'mobilenet_v5'; did you mean mobilenet_v2"),
@@ -40,9 +40,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, dataset_dir):
-    """Run the cases a few at a time (each is a cold start importing torch: all at once, 16 of them would need
-    ~11 GB and thrash 2 cores), each with its output read as it comes."""
+def places(tmp_path_factory, dataset_dir):
     import datasets
 
     tmp = tmp_path_factory.mktemp("bad")
@@ -50,25 +48,33 @@ def outcomes(tmp_path_factory, dataset_dir):
     datasets.DatasetDict({s: datasets.Dataset.from_dict({"x": [1, 2], "label": [0, 1]}).cast_column(
         "label", datasets.ClassLabel(names=["a", "b"])) for s in ("train", "test")}).save_to_disk(str(noimg))
     (tmp / "bad.yaml").write_text("learning_rate: 0.1\n")
-    places = {"tmp": tmp, "noimg": noimg, "badlabels": write_out_of_range_labels(tmp / "badlabels"),
-              "good": dataset_dir, "badconfig": tmp / "bad.yaml"}
-
-    def run(name):
-        args, env, _ = CASES[name]
-        argv = [a.format(**places) for a in args] + ["--output-dir", str(tmp / "runs" / name.replace(" ", "-"))]
-        env = {k: v.format(**places) for k, v in env.items()}
-        p = subprocess.run([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env), capture_output=True,
-                           text=True, timeout=300)
-        return p.returncode, p.stdout, p.stderr
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(CASES, pool.map(run, CASES)))
+    return {"tmp": tmp, "noimg": noimg, "badlabels": write_out_of_range_labels(tmp / "badlabels"),
+            "good": dataset_dir, "badconfig": tmp / "bad.yaml"}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line(outcomes, case):
-    code, out, err = outcomes[case]
+def case_args(places, name):
+    args, env, _ = CASES[name]
+    argv = [a.format(**places) for a in args] + ["--output-dir", str(places["tmp"] / "runs" / name.replace(" ", "-"))]
+    return argv, {k: v.format(**places) for k, v in env.items()}
+
+
+def assert_one_clear_line(code, err, name):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert CASES[case][2] in lines[0]
+    assert CASES[name][2] in lines[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(places, case):
+    argv, env = case_args(places, case)
+    proc = main_in_process(argv, env=env)
+    assert_one_clear_line(proc.returncode, proc.stderr, case)
+
+
+@pytest.mark.slow
+def test_a_real_process_exits_2_with_the_line(places):
+    argv, env = case_args(places, "labels out of range")
+    proc = subprocess.run([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env), capture_output=True,
+                          text=True, timeout=300)
+    assert_one_clear_line(proc.returncode, proc.stderr, "labels out of range")

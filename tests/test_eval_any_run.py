@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST, check, read_summary, run_main
+from conftest import FAST, check, main_in_process, read_summary, run_main
 from train.checkpoint import load_model
 from train.models import ModelSpec
 
@@ -21,8 +21,8 @@ EXACT = ("test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matr
 
 def evaluate_again(dataset_dir, model_path, out, *extra):
     """--eval-only with nothing but the model: every setting must come from the model's own record."""
-    return run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(model_path),
-                     "--output-dir", str(out), *extra])
+    return main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(model_path),
+                            "--output-dir", str(out), *extra])
 
 
 def assert_reproduced(run, evaluated, loss_rel=1e-5):
@@ -37,8 +37,8 @@ def assert_reproduced(run, evaluated, loss_rel=1e-5):
 def stem_run(dataset_dir, tmp_path_factory):
     """A CIFAR-stem MobileNet: built with other strides, the same weights load without complaint."""
     out = tmp_path_factory.mktemp("stem") / "run"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *SHORT,
-                    "--arch", "mobilenet_v3_small", "--cifar-stem"]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(out), *SHORT,
+                           "--arch", "mobilenet_v3_small", "--cifar-stem"]))
     return out
 
 
@@ -55,8 +55,8 @@ def test_cifar_stem_run_is_evaluated_with_its_stem(stem_run, dataset_dir, tmp_pa
 @pytest.mark.slow
 def test_cifar_stem_resnet_from_a_checkpoint_folder(dataset_dir, tmp_path):
     run = tmp_path / "run"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(run), *SHORT, "--epochs", "1",
-                    "--cifar-stem"]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(run), *SHORT, "--epochs", "1",
+                           "--cifar-stem"]))
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["cifar_stem"] is True
     check(evaluate_again(dataset_dir, checkpoint, tmp_path / "eval"))  # the checkpoint's weights are the best
@@ -65,7 +65,7 @@ def test_cifar_stem_resnet_from_a_checkpoint_folder(dataset_dir, tmp_path):
 @pytest.mark.slow
 def test_run_at_another_image_size_is_evaluated_at_that_size(dataset_dir, tmp_path):
     run = tmp_path / "run"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(run), *SHORT, "--image-size", "48"]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(run), *SHORT, "--image-size", "48"]))
     check(evaluate_again(dataset_dir, run, tmp_path / "eval"))
     assert_reproduced(run, tmp_path / "eval")
     assert "image_size: 48" in (tmp_path / "eval" / "config.yaml").read_text()

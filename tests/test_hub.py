@@ -4,12 +4,10 @@ offline) and the run folder are the same MODEL to predict and to --eval-only."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, child_env, module, read_summary
+from conftest import call, module, read_summary
 from synthetic import CLASS_NAMES
 
 pytestmark = pytest.mark.slow
@@ -26,7 +24,7 @@ def one_line_error(proc, code=2) -> str:
 @pytest.fixture(scope="module")
 def hub_folder(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("hub") / "cifar-resnet18"
-    proc = module("train.export", trained_run, "--hub", out, "--dataset-id", "uoft-cs/cifar10")
+    proc = call("train.export", trained_run, "--hub", out, "--dataset-id", "uoft-cs/cifar10")
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -63,7 +61,8 @@ def test_the_hub_folder_holds_the_model_its_config_and_a_card_huggingface_hub_pa
 
 
 def predictions(model, dataset_dir, env=None) -> str:
-    proc = module("train.predict", model, "--dataset", dataset_dir, "--split", "test", "--top-k", "3", env=env)
+    run = module if env else call  # huggingface_hub reads HF_HUB_CACHE once, at import: another cache, a process
+    proc = run("train.predict", model, "--dataset", dataset_dir, "--split", "test", "--top-k", "3", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -93,9 +92,8 @@ def test_every_kind_of_model_gives_the_same_predictions(hub_folder, trained_run,
 
 def test_eval_only_on_the_hub_folder_reproduces_the_run(hub_folder, trained_run, dataset_dir, tmp_path):
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "train.main", "--dataset", str(dataset_dir), "--eval-only",
-                           "--checkpoint", str(hub_folder), "--output-dir", str(out), "--eval-batch-size", "64"],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = call("train.main", "--dataset", dataset_dir, "--eval-only", "--checkpoint", hub_folder, "--output-dir", out,
+                "--eval-batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = read_summary(out), read_summary(trained_run)
     assert (got["test_acc"], got["test_f1_macro"], got["confusion_matrix"]) == \
@@ -104,7 +102,7 @@ def test_eval_only_on_the_hub_folder_reproduces_the_run(hub_folder, trained_run,
 
 def test_push_without_network_is_one_line_and_the_folder_stays(trained_run, tmp_path):
     out = tmp_path / "hub"
-    proc = module("train.export", trained_run, "--hub", out, "--push-to-hub", "someone/cifar", env=OFFLINE)
+    proc = call("train.export", trained_run, "--hub", out, "--push-to-hub", "someone/cifar", env=OFFLINE)
     line = one_line_error(proc)
     assert "could not push" in line and "the folder is written and intact" in line
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
@@ -115,12 +113,12 @@ def test_push_without_network_is_one_line_and_the_folder_stays(trained_run, tmp_
 def test_bad_model_arguments_are_one_line(trained_run, tmp_path, hub_folder):
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = one_line_error(module("train.predict", empty, "x.png"))
+    line = one_line_error(call("train.predict", empty, "x.png"))
     assert "holds no model: expected a run folder" in line and "hf://REPO_ID" in line
-    assert "expected hf://REPO_ID" in one_line_error(module("train.predict", "hf://a/b/c", "x.png"))
+    assert "expected hf://REPO_ID" in one_line_error(call("train.predict", "hf://a/b/c", "x.png"))
     before = sorted(p.name for p in hub_folder.iterdir())
-    line = one_line_error(module("train.export", trained_run, "--hub", hub_folder))
+    line = one_line_error(call("train.export", trained_run, "--hub", hub_folder))
     assert "already exists and is not empty" in line and sorted(p.name for p in hub_folder.iterdir()) == before
-    assert "needs a finished run folder" in one_line_error(module("train.export", trained_run / "model.safetensors",
+    assert "needs a finished run folder" in one_line_error(call("train.export", trained_run / "model.safetensors",
                                                                   "--hub", tmp_path / "x"))
-    assert "give --onnx FILE or --hub DIR" in one_line_error(module("train.export", trained_run))
+    assert "give --onnx FILE or --hub DIR" in one_line_error(call("train.export", trained_run))

@@ -1,14 +1,13 @@
 """Presets in configs/, test-time augmentation, and the run comparison tool."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import FAST, ROOT, assert_resumed, assert_same_run, check, child_env, read_summary, resume_args, run_main
+from conftest import (FAST, ROOT, assert_resumed, assert_same_run, call, check, main_in_process, read_summary,
+                      resume_args, run_main)
 
 pytestmark = pytest.mark.slow
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("sweep-"))
@@ -27,9 +26,10 @@ def test_every_shipped_preset_is_tested():
 def test_preset_loads_and_trains_a_few_steps(preset, dataset_dir, tmp_path):
     out = tmp_path / preset
     # The command line overrides the preset: no ImageNet download, sizes for 256 generated images.
-    check(run_main(["--config", str(ROOT / "configs" / f"{preset}.yaml"), "--dataset", str(dataset_dir),
-                    "--output-dir", str(out), "--no-pretrained", "--val-images", "0", "--train-images", "0",
-                    "--batch-size", "16", "--eval-batch-size", "16", "--max-steps", "2", "--limit-batches", "2"]))
+    check(main_in_process(["--config", str(ROOT / "configs" / f"{preset}.yaml"), "--dataset", str(dataset_dir),
+                           "--output-dir", str(out), "--no-pretrained", "--val-images", "0", "--train-images", "0",
+                           "--batch-size", "16", "--eval-batch-size", "16", "--max-steps", "2", "--limit-batches",
+                           "2"]))
     preset_options = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     for key in ("arch", "lr", "image_size", "optimizer", "scheduler", "cifar_stem", "epochs"):
@@ -40,29 +40,26 @@ def test_preset_loads_and_trains_a_few_steps(preset, dataset_dir, tmp_path):
 
 def test_tta_is_reported_beside_the_plain_metrics(trained_run, dataset_dir, tmp_path):
     out = tmp_path / "tta"
-    check(run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(trained_run), "--tta",
-                    "--output-dir", str(out)]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(trained_run), "--tta",
+                           "--output-dir", str(out)]))
     got, plain = read_summary(out), read_summary(trained_run)
     assert got["test_acc"] == plain["test_acc"] and got["test_f1_macro"] == plain["test_f1_macro"]
     assert 0.5 < got["test_acc_tta"] <= 1 and 0 < got["test_f1_macro_tta"] <= 1
 
 
 def test_compare_renders_a_table_and_curves(trained_run, resume_reference, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.compare", str(trained_run), str(resume_reference),
-                           "--out", str(tmp_path / "cmp")], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    proc = call("train.compare", trained_run, resume_reference, "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert f"| {trained_run.name} | resnet18 |" in table and f"| {resume_reference.name} | resnet18 |" in table
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 5000
-    bad = subprocess.run([sys.executable, "-m", "train.compare", str(tmp_path)], cwd=ROOT, env=child_env(),
-                         capture_output=True, text=True)
+    bad = call("train.compare", tmp_path)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
 
     runs = tmp_path / "runs"  # without --out: beside the runs, never in the folder it was started from
     for name in ("a", "b"):
         shutil.copytree(trained_run, runs / name)
-    proc = subprocess.run([sys.executable, "-m", "train.compare", str(runs / "a"), str(runs / "b")], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True)
+    proc = call("train.compare", runs / "a", runs / "b")
     assert proc.returncode == 0 and (runs / "comparison.md").is_file() and not (ROOT / "comparison.md").exists()
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FAST, MAIN, ROOT, assert_resumed, assert_same_run, check, child_env, read_summary, run_main
+from conftest import (FAST, MAIN, ROOT, assert_resumed, assert_same_run, check, child_env, main_in_process,
+                      read_summary, run_main)
 from conftest import resume_args as args
 from train.checkpoint import Checkpointer
 from train.models import ModelSpec
@@ -28,11 +29,9 @@ def reference(resume_reference):
     return resume_reference
 
 
-@pytest.fixture(scope="module")
-def ddp_reference(dataset_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddpref") / "run"
-    check(run_main(args(dataset_dir, out), processes=2))
-    return out
+@pytest.fixture
+def ddp_reference(ddp_resume_reference):
+    return ddp_resume_reference
 
 
 STEPS = 24  # 8 an epoch, 3 epochs (RESUME_ARGS); under 2-process DDP 4 an epoch
@@ -58,7 +57,7 @@ def test_killed_run_resumes_to_the_same_result(dataset_dir, reference, tmp_path,
     assert checkpoints(out)[-1] == newest and verifies(out, newest)
     if failpoint.startswith("kill_during_save"):  # the half-written one never got its final name
         assert [p.name for p in (out / "checkpoints").glob(".tmp-*")] == [".tmp-e0001-b000000-step00000008"]
-    resumed = check(run_main(args(dataset_dir, out)))
+    resumed = check(main_in_process(args(dataset_dir, out)))  # the resume is the subject here, not its process
     assert assert_resumed(resumed, STEPS)[0] == newest
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert_same_run(out, reference)
@@ -76,7 +75,7 @@ def test_rotation_keeps_the_newest_k_and_the_best_model(reference):
 def test_finished_run_resumed_again_changes_nothing(dataset_dir, reference, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(reference, out)
-    again = check(run_main(args(dataset_dir, out)))
+    again = check(main_in_process(args(dataset_dir, out)))
     assert "resuming from" in again.stdout and f"0 optimizer steps in this attempt (from step {STEPS} to {STEPS})" \
         in again.stdout
     assert_same_run(out, reference)
@@ -89,12 +88,12 @@ def test_truncated_checkpoint_is_an_error_or_skipped_by_auto(dataset_dir, refere
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
 
-    explicit = run_main([*args(dataset_dir, tmp_path / "other"), "--resume", str(newest)])
+    explicit = main_in_process([*args(dataset_dir, tmp_path / "other"), "--resume", str(newest)])
     assert explicit.returncode == 2
     lines = [line for line in explicit.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(weights) in lines[0] and "truncated or corrupt" in lines[0]
 
-    auto = check(run_main(args(dataset_dir, out)))
+    auto = check(main_in_process(args(dataset_dir, out)))
     assert "warning:" in auto.stderr and "trying an older checkpoint" in auto.stderr
     assert "resuming from" in auto.stdout and "e0002-b000008" in auto.stdout
     assert "0 optimizer steps in this attempt (from step 24 to 24)" in auto.stdout
@@ -108,7 +107,7 @@ def test_auto_never_starts_over_when_no_checkpoint_loads(dataset_dir, reference,
         weights = out / "checkpoints" / name / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     metrics = (out / "metrics.jsonl").read_text()
-    proc = run_main(args(dataset_dir, out))
+    proc = main_in_process(args(dataset_dir, out))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "starting fresh" not in proc.stdout, proc.stderr[-2000:]
     assert "none of the 2 checkpoints" in errors[0] and all(name in errors[0] for name in checkpoints(out))
@@ -120,26 +119,26 @@ def test_checkpoint_without_manifest_is_incomplete(dataset_dir, reference, tmp_p
     shutil.copytree(reference / "checkpoints", out / "checkpoints")
     newest = out / "checkpoints" / checkpoints(out)[-1]
     (newest / "manifest.json").unlink()  # what a crash between the files and the manifest would leave
-    explicit = run_main([*args(dataset_dir, tmp_path / "other"), "--resume", str(newest)])
+    explicit = main_in_process([*args(dataset_dir, tmp_path / "other"), "--resume", str(newest)])
     assert explicit.returncode == 2 and f"checkpoint {newest} is incomplete" in explicit.stderr
-    auto = check(run_main(args(dataset_dir, out)))  # not even listed as complete: the older one is used
+    auto = check(main_in_process(args(dataset_dir, out)))  # not even listed as complete: the older one is used
     assert assert_resumed(auto, STEPS)[0] == "e0002-b000008-step00000024"
 
 
 def test_checkpoint_of_another_model_is_refused(dataset_dir, reference, tmp_path):
     newest = reference / "checkpoints" / checkpoints(reference)[-1]
-    proc = run_main([*args(dataset_dir, tmp_path / "r34"), "--arch", "resnet34", "--resume", str(newest)])
+    proc = main_in_process([*args(dataset_dir, tmp_path / "r34"), "--arch", "resnet34", "--resume", str(newest)])
     assert proc.returncode == 2
     assert "is for arch 'resnet18', this run has 'resnet34'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_eval_only_on_a_checkpoint_folder(dataset_dir, tmp_path):
     run = tmp_path / "run"  # one epoch: its end-of-epoch checkpoint holds the weights the run tested
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(run), *FAST, "--epochs", "1",
-                    "--limit-batches", "3"]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(run), *FAST, "--epochs", "1",
+                           "--limit-batches", "3"]))
     (newest,) = checkpoints(run)
-    check(run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(run / "checkpoints" / newest),
-                    "--output-dir", str(tmp_path / "eval")]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint",
+                           str(run / "checkpoints" / newest), "--output-dir", str(tmp_path / "eval")]))
     got, want = read_summary(tmp_path / "eval"), read_summary(run)
     assert got["num_test_samples"] == 101 and want["best_epoch"] == 1
     for key in ("test_acc", "confusion_matrix", "test_per_class_accuracy"):
@@ -187,7 +186,7 @@ def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_pa
     name = checkpoints(out)[-1]
     newest = json.loads((out / "checkpoints" / name / "trainer_state.json").read_text())
     assert 3 <= newest["step"] < 24  # stopped within a step or so of the signal, long before the end
-    resumed = check(run_main(args(dataset_dir, out)))
+    resumed = check(main_in_process(args(dataset_dir, out)))
     assert assert_resumed(resumed, STEPS) == (name, newest["step"])
     assert not (out / "PREEMPTED").exists()
     assert_same_run(out, reference)
@@ -195,8 +194,9 @@ def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_pa
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("failpoint, newest", [
-    ("kill_after_step:7", "e0001-b000002-step00000006"),  # mid-epoch
-    ("kill_after_step:8", "e0001-b000002-step00000006"),  # last step of epoch 2: before its validation
+    # mid-epoch (a kill at step 8, before epoch 2's validation, would resume from this same checkpoint and take
+    # the same steps: the single-process kill at step 16 covers a kill before a validation)
+    ("kill_after_step:7", "e0001-b000002-step00000006"),
     ("kill_during_save:3", "e0001-b000000-step00000004"),  # writing the step-6 checkpoint
 ])
 def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_reference, tmp_path, failpoint, newest):

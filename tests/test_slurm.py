@@ -14,8 +14,7 @@ import pytest
 
 import yaml
 
-from conftest import (RESUME_ARGS, ROOT, assert_same_run, check, child_env, read_summary, run_main, study_trials,
-                      write_sweep)
+from conftest import RESUME_ARGS, ROOT, assert_same_run, child_env, read_summary, study_trials, write_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
@@ -262,14 +261,6 @@ def test_scontrol_requeue_checkpoints_and_resumes_to_the_same_result(job_env, tm
     assert "received SIGTERM" in text and "resuming from" in text
     assert_same_run(run, resume_reference)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
-
-
-@pytest.fixture(scope="module")
-def ddp_resume_reference(dataset_dir, tmp_path_factory) -> Path:
-    """An uninterrupted 2-process run: what the 2-node runs below must reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("ddp-ref") / "run"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *RESUME_ARGS], processes=2))
-    return out
 
 
 def _multinode_preempted(env, tmp_path, dataset_dir) -> tuple:

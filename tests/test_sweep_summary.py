@@ -1,12 +1,10 @@
 import csv
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env
+from conftest import call
 from train import run_dir
 from train.config import Config
 from train.sweep_summary import main, summarise
@@ -34,8 +32,7 @@ def test_summary_lists_every_run_with_its_state(trained_run, tmp_path):
 
 
 def test_missing_folder_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.sweep_summary", str(tmp_path / "nope")], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True)
+    proc = call("train.sweep_summary", tmp_path / "nope")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "not a folder of runs" in proc.stderr
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from conftest import FAST, check, read_metrics, read_summary, run_main
+from conftest import FAST, check, main_in_process, read_metrics, read_summary, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_single_process_run_leaves_a_complete_run_folder(trained_run):
 
 def test_report_says_when_validation_was_the_test_split(dataset_dir, tmp_path):
     out = tmp_path / "val0"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-size", "0",
+    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-size", "0",
                     "--epochs", "1", "--limit-batches", "2"]))
     report = (out / "report.md").read_text()
     assert read_summary(out)["val_is_test"] is True and "never used to choose" not in report
@@ -68,15 +68,15 @@ def test_config_yaml_of_a_run_reproduces_its_options(trained_run, tmp_path):
 
 def test_existing_run_folder_is_not_overwritten(trained_run, dataset_dir):
     before = (trained_run / "summary.json").read_text()
-    proc = run_main(["--dataset", str(dataset_dir), "--output-dir", str(trained_run), *FAST])
+    proc = main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(trained_run), *FAST])
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (trained_run / "summary.json").read_text() == before
 
 
 def test_eval_only_reproduces_the_final_test_metrics(trained_run, dataset_dir, tmp_path):
     out = tmp_path / "eval"
-    check(run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(trained_run),
-                    "--output-dir", str(out)]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(trained_run),
+                           "--output-dir", str(out)]))
     trained, evaluated = read_summary(trained_run), read_summary(out)
     for key in ("test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matrix", "num_test_samples"):
         assert evaluated[key] == trained[key], key
@@ -105,8 +105,8 @@ def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(datase
     assert summary["test_acc"] > 0.6
 
     single = tmp_path / "single-eval"
-    check(run_main(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(out / "model.safetensors"),
-                    "--output-dir", str(single)]))
+    check(main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint",
+                           str(out / "model.safetensors"), "--output-dir", str(single)]))
     reference = read_summary(single)
     for key in ("test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matrix", "num_test_samples"):
         assert summary[key] == reference[key], key
@@ -126,8 +126,8 @@ def test_shipped_accelerate_config_trains_with_bf16_and_ddp_on_cpu(dataset_dir, 
 
 def test_smoke_limits_stop_early(dataset_dir, tmp_path):
     out = tmp_path / "smoke"
-    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--max-steps", "3",
-                           "--limit-batches", "2", "--eval-batch-size", "16", "--log-every", "1"]))
+    proc = check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--max-steps", "3",
+                                  "--limit-batches", "2", "--eval-batch-size", "16", "--log-every", "1"]))
     # Not a terminal (as in a Slurm log): plain lines every --log-every steps, no progress-bar frames.
     assert "\r" not in proc.stdout + proc.stderr
     progress = [line.split(":")[0] for line in proc.stdout.splitlines()

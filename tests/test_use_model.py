@@ -4,14 +4,13 @@ writes an ONNX file that agrees with PyTorch, for each tested arch with the CIFA
 import csv
 import io
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, child_env, module, read_summary
+from conftest import call, read_summary
 from synthetic import CLASS_NAMES, make_images
 from train.checkpoint import save_model
 from train.models import ModelSpec
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, tmp_path):
-    proc = module("train.predict", trained_run, "--dataset", dataset_dir, "--split", "test", "--top-k", "2",
+    proc = call("train.predict", trained_run, "--dataset", dataset_dir, "--split", "test", "--top-k", "2",
                   "--metrics", tmp_path / "metrics.json")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(io.StringIO(proc.stdout)))
@@ -38,7 +37,7 @@ def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run
     for i, (pixels, label) in enumerate(zip(images, labels)):
         Image.fromarray(pixels).save(tmp_path / "in" / ("sub" if i % 2 else "") / f"{i}.png")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
-    proc = module("train.predict", trained_run, tmp_path / "in", "--out", tmp_path / "out.csv", "--top-k", "9")
+    proc = call("train.predict", trained_run, tmp_path / "in", "--out", tmp_path / "out.csv", "--top-k", "9")
     assert proc.returncode == 1  # documented: some input could not be read
     assert [line for line in proc.stderr.splitlines() if "broken.png" in line and "undecodable" in line]
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
@@ -50,7 +49,7 @@ def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run
 
 def test_predict_bad_inputs_are_one_line(trained_run, tmp_path):
     for args in ([tmp_path / "missing-run", tmp_path], [trained_run, tmp_path / "nothing.png"], [trained_run]):
-        proc = module("train.predict", *args)
+        proc = call("train.predict", *args)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
@@ -65,7 +64,7 @@ def test_export_agrees_with_pytorch(arch, stem, dataset_dir, tmp_path):
     torch.manual_seed(0)
     save_model(spec.build().eval().state_dict(), tmp_path / "model.safetensors", spec)
     out = tmp_path / "model.onnx"
-    proc = module("train.export", tmp_path / "model.safetensors", "--onnx", out, "--dataset", dataset_dir,
+    proc = call("train.export", tmp_path / "model.safetensors", "--onnx", out, "--dataset", dataset_dir,
                   "--check", 64)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "checked on 64 images: max |logit difference|" in proc.stdout and "top-1 identical on 64/64" in proc.stdout
@@ -76,10 +75,9 @@ def test_export_agrees_with_pytorch(arch, stem, dataset_dir, tmp_path):
     assert session.run(None, {"images": torch.zeros(3, 3, 32, 32).numpy()})[0].shape == (3, 4)  # any batch size
 
 
-def test_export_without_the_extra_names_it(trained_run, tmp_path):
-    hide = "import sys; sys.modules['onnxruntime'] = None; from train.export import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", hide, str(trained_run), "--onnx", str(tmp_path / "m.onnx")],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+def test_export_without_the_extra_names_it(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import finds where it is not installed
+    proc = call("train.export", trained_run, "--onnx", tmp_path / "m.onnx")
     assert proc.returncode == 2 and proc.stderr.strip() == \
         'error: the export extra is not installed: pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
     assert not (tmp_path / "m.onnx").exists()
