@@ -1,5 +1,4 @@
 import contextlib
-import io
 import json
 import os
 import re
@@ -7,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -78,6 +78,34 @@ def _as_a_child(env: dict):
         os.environ.update(saved_env)
 
 
+@contextlib.contextmanager
+def _captured_output():
+    """stdout and stderr, file descriptors 1 and 2 included (child processes write there), each to a file of its
+    own, line by line in the order written; yields a dict that gets "out" and "err". CSV's \r\n reads as \n, as
+    from a text-mode pipe; a lone \r (a progress-bar frame) stays."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        streams, saved = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
+        for stream in streams:
+            stream.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
+                                  for fd in (1, 2))
+        got = {}
+        try:
+            yield got
+        finally:
+            sys.stdout.close()
+            sys.stderr.close()
+            sys.stdout, sys.stderr = streams
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            for key, file in (("out", out), ("err", err)):
+                file.seek(0)
+                got[key] = file.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
 def call(name: str, *args, env=None) -> subprocess.CompletedProcess:
     """`python -m NAME ARGS...` in this process, output captured: for tests whose subject is what the command
     does, not the process it runs in (a cold start costs ~6 s of imports). Its `main(argv)` is what the
@@ -86,8 +114,7 @@ def call(name: str, *args, env=None) -> subprocess.CompletedProcess:
     import importlib
 
     argv = list(map(str, args))
-    out, err = io.StringIO(newline=None), io.StringIO(newline=None)  # newlines as text-mode pipes give them
-    with _as_a_child({**CHILD_ENV, **(env or {})}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _as_a_child({**CHILD_ENV, **(env or {})}), _captured_output() as output:
         try:
             code = importlib.import_module(name).main(argv)
         except SystemExit as e:  # argparse's errors and --help
@@ -95,7 +122,7 @@ def call(name: str, *args, env=None) -> subprocess.CompletedProcess:
         except Exception:
             traceback.print_exc()
             code = 1
-    return subprocess.CompletedProcess([name, *argv], code or 0, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([name, *argv], code or 0, output["out"], output["err"])
 
 
 def main_in_process(args, env=None) -> subprocess.CompletedProcess:
@@ -150,14 +177,6 @@ def parts_for(dataset_dir):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="session")
-def trained_run(dataset_dir, tmp_path_factory) -> Path:
-    """One single-process training run, shared by the tests that only read its outputs."""
-    out = tmp_path_factory.mktemp("runs") / "single"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST]))
-    return out
-
-
 # 230 training images / 32 = 8 steps an epoch, 24 in all; a checkpoint every 3 steps and at each epoch end.
 RESUME_ARGS = [*FAST, "--checkpoint-every-steps", "3", "--resume", "auto"]
 TEST_KEYS = ("test_loss", "test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matrix",
@@ -187,6 +206,12 @@ def resume_reference(dataset_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     check(run_main(resume_args(dataset_dir, out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(resume_reference) -> Path:
+    """The single-process training run that tests which only read a run's outputs share (one run, not two)."""
+    return resume_reference
 
 
 @pytest.fixture(scope="session")

@@ -47,18 +47,20 @@ def test_tta_is_reported_beside_the_plain_metrics(trained_run, dataset_dir, tmp_
     assert 0.5 < got["test_acc_tta"] <= 1 and 0 < got["test_f1_macro_tta"] <= 1
 
 
-def test_compare_renders_a_table_and_curves(trained_run, resume_reference, tmp_path):
-    proc = call("train.compare", trained_run, resume_reference, "--out", tmp_path / "cmp")
+def test_compare_renders_a_table_and_curves(trained_run, tmp_path):
+    other = tmp_path / "other-run"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints"))
+    proc = call("train.compare", trained_run, other, "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert f"| {trained_run.name} | resnet18 |" in table and f"| {resume_reference.name} | resnet18 |" in table
+    assert f"| {trained_run.name} | resnet18 |" in table and "| other-run | resnet18 |" in table
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 5000
     bad = call("train.compare", tmp_path)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
 
     runs = tmp_path / "runs"  # without --out: beside the runs, never in the folder it was started from
     for name in ("a", "b"):
-        shutil.copytree(trained_run, runs / name)
+        shutil.copytree(trained_run, runs / name, ignore=shutil.ignore_patterns("checkpoints"))
     proc = call("train.compare", runs / "a", runs / "b")
     assert proc.returncode == 0 and (runs / "comparison.md").is_file() and not (ROOT / "comparison.md").exists()
 

@@ -27,9 +27,10 @@ def sweep_cmd(file, folder, *options, dataset):
             *options]
 
 
-def run_sweep(file, folder, *options, dataset, timeout=900, env=None):
-    return subprocess.run(sweep_cmd(file, folder, *options, dataset=dataset), cwd=ROOT, env=child_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+def run_sweep(file, folder, *options, dataset, env=None):
+    """A worker in this process (its trials are processes of their own): for the tests whose subject is not the
+    worker's process. Those that signal or kill a worker start it with sweep_cmd()."""
+    return call("train.sweep", *sweep_cmd(file, folder, *options, dataset=dataset)[3:], env=env)
 
 
 def counted(folder):
@@ -176,7 +177,9 @@ def test_a_search_runs_run_cap_trials_and_the_seed_decides_them(tmp_path, datase
 
 def test_hyperband_prunes_a_bad_trial_and_its_run_folder_is_complete(tmp_path, dataset_dir):
     # GridSampler's order with seed 0 is lr 0.02, 1e-06, 0.03, 0.05: the bad trial meets a good one at epoch 2.
-    file = write_sweep(tmp_path / "hb.yaml", method="grid", parameters={"lr": {"values": [0.05, 0.03, 0.02, 1e-06]}},
+    # run_cap 2: those two are the whole story.
+    file = write_sweep(tmp_path / "hb.yaml", method="grid", run_cap=2,
+                       parameters={"lr": {"values": [0.05, 0.03, 0.02, 1e-06]}},
                        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
     folder = tmp_path / "sweep"
     ok(run_sweep(file, folder, *LEARNS, dataset=dataset_dir, env={"WANDB_MODE": "offline"}))
@@ -263,7 +266,8 @@ def test_a_worker_killed_right_after_asking_leaves_a_trial_the_next_worker_runs(
     file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.01, 0.02]}})
     folder = tmp_path / "sweep"
     kill = {"CIFAR_ACCELERATE_FAILPOINT": "kill_after_ask:0"}
-    killed = run_sweep(file, folder, *QUICK, dataset=dataset_dir, env=kill)
+    killed = subprocess.run(sweep_cmd(file, folder, *QUICK, dataset=dataset_dir), cwd=ROOT, env=child_env(**kill),
+                            capture_output=True, text=True, timeout=900)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (asked,) = trials(folder)
     assert asked.state.name == "RUNNING" and "options" not in asked.user_attrs and "owner" in asked.user_attrs

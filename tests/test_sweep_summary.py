@@ -13,7 +13,7 @@ from train.sweep_summary import main, summarise
 @pytest.mark.slow  # needs a trained run
 def test_summary_lists_every_run_with_its_state(trained_run, tmp_path):
     sweep = tmp_path / "sweep-7"
-    shutil.copytree(trained_run, sweep / "resnet18-lr0.02-bs32")
+    shutil.copytree(trained_run, sweep / "resnet18-lr0.02-bs32", ignore=shutil.ignore_patterns("checkpoints"))
     preempted = sweep / "resnet34-lr0.1-bs32"
     preempted.mkdir(parents=True)
     shutil.copy(trained_run / "config.yaml", preempted / "config.yaml")

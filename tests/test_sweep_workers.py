@@ -37,6 +37,7 @@ LISTENER = """
 import time
 from train import preemption
 preemption.listen()
+print("listening", flush=True)
 deadline = time.time() + 60
 while not preemption.requested() and time.time() < deadline:
     time.sleep(0.1)
@@ -56,9 +57,14 @@ def test_a_process_stops_as_on_sigterm_once_the_process_it_stops_with_is_gone(ho
     listener = subprocess.Popen([sys.executable, "-c", LISTENER], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        assert listener.stdout.readline() == "listening\n"
         if how == "killed":
-            assert listener.poll() is None  # watching: its worker is alive
+            # While its worker lives it keeps going: watched for a watch period and a half (it looks every second).
+            # A window for a claim that nothing happens, not a wait for something to happen: load cannot fail it.
+            deadline = time.time() + 1.5
+            while time.time() < deadline:
+                assert listener.poll() is None
+                time.sleep(0.1)
             watched.kill()
             watched.wait()
         out, err = listener.communicate(timeout=30)
