@@ -222,6 +222,17 @@ def ddp_resume_reference(dataset_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ddp_run(dataset_dir, tmp_path_factory) -> Path:
+    """One 2-process run with W&B offline (its files in the run folder's wandb/), for the tests that read what a
+    DDP run leaves: counts, metrics, the one W&B run. 27 validation images: odd, so one rank's last batch is padded
+    with a repeat."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-images", "27",
+                    "--wandb-mode", "offline"], processes=2, env={"WANDB_DIR": str(out.parent / "wb")}))
+    return out
+
+
 def assert_resumed(proc: subprocess.CompletedProcess, total_steps: int) -> tuple:
     """The run continued from the checkpoint it names and took only the steps that checkpoint lacked.
 

@@ -5,7 +5,7 @@ counted."""
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST, check, read_summary, run_main
+from conftest import FAST, check, main_in_process, read_summary
 from synthetic import write_parquet_dataset
 from test_data import cfg
 from train.data import load_image_data
@@ -50,12 +50,12 @@ def test_skip_bad_images_leaves_the_row_out(bad_dataset):
 
 @pytest.mark.slow
 def test_a_run_stops_with_one_line_or_reports_what_it_skipped(bad_dataset, tmp_path):
-    proc = run_main(["--dataset", str(bad_dataset), "--output-dir", str(tmp_path / "stopped"), *FAST])
+    proc = main_in_process(["--dataset", str(bad_dataset), "--output-dir", str(tmp_path / "stopped"), *FAST])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "split 'train', column 'img', row 123" in lines[0], proc.stderr
 
     out = tmp_path / "skipped"
-    check(run_main(["--dataset", str(bad_dataset), "--output-dir", str(out), *FAST, "--epochs", "1",
+    check(main_in_process(["--dataset", str(bad_dataset), "--output-dir", str(out), *FAST, "--epochs", "1",
                     "--skip-bad-images"]))
     assert read_summary(out)["skipped_images"] == {"train": 1, "test": 0}
     assert "left out, undecodable (--skip-bad-images): 1 train, 0 test" in (out / "report.md").read_text()

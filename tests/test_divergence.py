@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import FAST, assert_resumed, assert_same_run, check, run_main
+from conftest import FAST, assert_resumed, assert_same_run, check, main_in_process, run_main
 
 pytestmark = pytest.mark.slow
 EXIT_DIVERGED = 3
@@ -26,10 +26,10 @@ def strict_json_files(run) -> list:
 def test_divergence_stops_and_a_lower_lr_resumes_from_the_last_checkpoint(dataset_dir, resume_reference, tmp_path):
     out = tmp_path / "run"
     base = ["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--resume", "auto"]
-    check(run_main([*base, "--checkpoint-every-steps", "3", "--max-steps", "8"]))  # epoch 1, lr 0.02
+    check(main_in_process([*base, "--checkpoint-every-steps", "3", "--max-steps", "8"]))  # epoch 1, lr 0.02
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
 
-    diverged = run_main([*base, "--lr", "1e6"])  # epoch 2 blows up
+    diverged = main_in_process([*base, "--lr", "1e6"])  # epoch 2 blows up
     assert diverged.returncode == EXIT_DIVERGED, diverged.stderr[-2000:]
     assert "continuing with --lr 1000000.0" in diverged.stdout  # not the lr the checkpoint's schedule restored
     errors = [line for line in diverged.stderr.splitlines() if line.startswith("error:")]
@@ -40,7 +40,7 @@ def test_divergence_stops_and_a_lower_lr_resumes_from_the_last_checkpoint(datase
     records = [r for r in strict_json_files(out) if "epoch" in r and "train_loss" in r]
     assert [r["epoch"] for r in records] == [1]  # no record of the diverged epoch
 
-    resumed = check(run_main([*base, "--checkpoint-every-steps", "3"]))  # back to lr 0.02
+    resumed = check(main_in_process([*base, "--checkpoint-every-steps", "3"]))  # back to lr 0.02
     assert assert_resumed(resumed, 24) == ("e0001-b000000-step00000008", 8)
     assert "continuing with --lr" not in resumed.stdout  # that checkpoint was trained with lr 0.02
     strict_json_files(out)

@@ -72,7 +72,7 @@ RECIPE = ["--ema-decay", "0.9", "--auto-augment", "autoaugment", "--random-erasi
 @pytest.fixture(scope="module")
 def ema_run(dataset_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ema") / "run"
-    check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    check(main_in_process([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
     return out
 
 
@@ -92,7 +92,7 @@ def test_recipe_features_resume_exactly(dataset_dir, ema_run, tmp_path):
     killed = run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"],
                       env={"CIFAR_ACCELERATE_FAILPOINT": "kill_after_step:13"})
     assert killed.returncode != 0
-    resumed = check(run_main([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
+    resumed = check(main_in_process([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
     assert assert_resumed(resumed, 24)[0] == "e0001-b000004-step00000012"  # continued, with EMA and MixUp state
     assert_same_run(out, ema_run)
 

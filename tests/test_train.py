@@ -85,11 +85,8 @@ def test_eval_only_reproduces_the_final_test_metrics(trained_run, dataset_dir, t
 
 
 @pytest.mark.ddp
-def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(dataset_dir, tmp_path):
-    out = tmp_path / "ddp"
-    # 27 validation images (odd: one rank's last batch is padded with a repeat), 229 training images.
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-images", "27"],
-                   processes=2))
+def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(ddp_run, dataset_dir, tmp_path):
+    out = ddp_run  # 27 validation images (odd: one rank's last batch is padded with a repeat), 229 training images
     for record in read_metrics(out):
         assert record["val_images"] == 27  # the repeat is dropped
         assert record["val_acc"] * 27 == pytest.approx(round(record["val_acc"] * 27))

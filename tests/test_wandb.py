@@ -130,9 +130,8 @@ def test_a_model_artifact_that_fails_to_log_is_one_warning_and_the_run_goes_on(d
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_makes_exactly_one_wandb_run(dataset_dir, tmp_path):
-    check(run_main(offline_args(dataset_dir, tmp_path / "run"), processes=2, env={"WANDB_DIR": str(tmp_path / "wb")}))
-    runs = offline_runs(tmp_path / "wb")
+def test_ddp_makes_exactly_one_wandb_run(ddp_run):
+    runs = offline_runs(ddp_run.parent / "wb")
     assert len(runs) == 1
     assert check_run_contents(runs[0])["config"]["world_size"] == 2
 
