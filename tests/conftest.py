@@ -144,6 +144,13 @@ def read_metrics(run: Path) -> list:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def pytest_collection_modifyitems(items):
+    """`pytest -m quick`: the tests that start no process and need no trained run, in a few minutes."""
+    for item in items:
+        if not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def decode_cache(tmp_path_factory):
     """Runs started by the tests cache decoded images here, not in the user's ~/.cache."""

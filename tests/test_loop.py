@@ -131,3 +131,25 @@ def test_compiled_training_has_one_static_graph_per_batch_size(parts_for, monkey
     finally:
         torch._dynamo.reset()
     assert graphs == [(16, False), (6, False), (26, False)]  # train, the short last batch, validation (eval mode)
+
+
+@pytest.mark.parametrize("options", [{"mixup_alpha": 0.2}, {"cutmix_alpha": 1.0}], ids=["mixup", "cutmix"])
+def test_a_runs_mixup_and_cutmix_reach_the_training_loss(parts_for, monkeypatch, options):
+    """The parts a run builds from its options train on soft targets: each row a mix of two classes, where
+    without MixUp/CutMix it would be a class index (the augmentation itself: tests/test_augment.py)."""
+    import torch.nn.functional as F
+
+    targets, cross_entropy = [], F.cross_entropy
+
+    def spy(logits, target, **kwargs):
+        targets.append(target.detach().clone())
+        return cross_entropy(logits, target, **kwargs)
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    _, parts = parts_for(**options)
+    train_one_epoch(parts, LoopConfig(max_steps=2), TrainState(), Hooks())
+    assert len(targets) == 2 and all(t.shape == (BATCH, 4) and t.dtype.is_floating_point for t in targets)
+    assert all(((t > 0) & (t < 1)).any() for t in targets), targets  # mixed rows, not one-hot ones
+    _, plain = parts_for()
+    targets.clear()
+    train_one_epoch(plain, LoopConfig(max_steps=1), TrainState(), Hooks())
+    assert targets[0].shape == (BATCH,)  # the spy sees what the loss gets

@@ -14,7 +14,7 @@ import pytest
 
 import yaml
 
-from conftest import RESUME_ARGS, ROOT, assert_same_run, child_env, read_summary, study_trials, write_sweep
+from conftest import RESUME_ARGS, ROOT, assert_same_run, call, child_env, read_summary, study_trials, write_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
@@ -167,39 +167,9 @@ def test_sweep_sh_array_searches_through_a_preemption_and_resumes_the_same_trial
     (same,) = [t for t in ended if t.number == n]
     assert same.params == target.params and same.user_attrs["run_folder"] == target.user_attrs["run_folder"]
 
-    proc = subprocess.run([sys.executable, "-m", "train.sweep_summary", str(folder)], cwd=ROOT, env=job_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = call("train.sweep_summary", folder)
     assert proc.returncode == 0, proc.stderr
     assert (folder / "sweep_summary.md").read_text().count("| complete |") == 3
-
-
-def test_train_sbatch_runs_ddp_over_the_gpus_it_was_given(job_env, tmp_path, dataset_dir):
-    # Two (fake) GPUs on the node -> two processes; ACCELERATE_USE_CPU makes them gloo on the CPU.
-    job = sbatch(job_env, tmp_path, "train.sbatch", "--gpus-per-node=2", "--cpus-per-task=2",
-                 args=["--dataset", str(dataset_dir), "--arch", "resnet18", "--epochs", "1", "--max-steps", "2"])
-    (state,) = wait(job_env, job).values()
-    assert state["JobState"] == "COMPLETED", logs(tmp_path)
-    summary = read_summary(tmp_path / "runs" / f"cifar-train-{job}")
-    assert summary["world_size"] == 2 and summary["num_test_samples"] == 101
-
-
-def test_multinode_sbatch_runs_one_launcher_per_node(job_env, tmp_path, dataset_dir):
-    env = {**job_env, "NPROC_PER_NODE": "1"}
-    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2", "--cpus-per-task=2",
-                 args=["--dataset", str(dataset_dir), "--arch", "resnet18", "--epochs", "1", "--max-steps", "2"])
-    (state,) = wait(env, job).values()
-    text = logs(tmp_path)
-    assert state["JobState"] == "COMPLETED", text
-    port = 15000 + int(job) % 15000  # below Linux's ephemeral ports (32768-60999)
-    for rank, host in ((0, "true"), (1, "false")):  # machine rank 0 hosts the rendezvous store, explicitly
-        assert (f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --rdzv_backend c10d "
-                f"--rdzv_conf is_host={host}") in text
-    run = tmp_path / "runs" / f"cifar-multinode-{job}"
-    assert read_summary(run)["world_size"] == 2
-    # srun does not inherit --cpus-per-task since Slurm 22.05: the step must still get both CPUs, and
-    # its one process per node both threads.
-    environment = yaml.safe_load((run / "config.yaml").read_text())["environment"]
-    assert environment["cpus"] == 2 and environment["torch_threads"] == 2, environment
 
 
 def _nodes_idle(env) -> bool:
@@ -223,56 +193,59 @@ def _start_requeued_now(env, job):
                    capture_output=True)
 
 
-def _wait_for_a_checkpoint(run, tmp_path):
+def _checkpoint_steps(run) -> list:
+    """Steps of a run's complete checkpoints (e0001-b000004-step00000012), oldest first."""
+    return sorted(int(p.name.rsplit("step", 1)[1]) for p in run.glob("checkpoints/e*-step*"))
+
+
+def _wait_for_a_checkpoint(run, tmp_path, after_step=-1) -> int:
+    """Wait for a complete checkpoint of a step after `after_step` (training under way); returns its step."""
     deadline = time.time() + 300
-    while not (run / "checkpoints").is_dir() or not any(p.name[0] == "e" for p in (run / "checkpoints").iterdir()):
+    while not [step for step in _checkpoint_steps(run) if step > after_step]:
         assert time.time() < deadline, logs(tmp_path)
         time.sleep(0.05)
+    return _checkpoint_steps(run)[-1]
 
 
 def _usr1(env, job):  # what --signal=B:USR1@N does before the time limit
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
 
 
-def _preempt_and_finish(env, tmp_path, dataset_dir, preempt) -> Path:
-    """Run a 1-task sweep of one trial, preempt it once training is under way, let the requeued task finish."""
+def _scontrol_requeue(env, job):  # what an administrator or a preempting job does: SIGTERM to every step
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True)
+
+
+def test_usr1_then_scontrol_requeue_each_checkpoint_requeue_and_resume_to_the_same_result(job_env, tmp_path,
+                                                                                         dataset_dir, resume_reference):
+    """A 1-task sweep of one trial preempted twice: the time limit's USR1 once training is under way, then, once
+    the requeued attempt has resumed and written a checkpoint of its own, `scontrol requeue`. Each attempt stops at
+    a checkpoint and is requeued; the third finishes the trial as an uninterrupted run would have."""
     file = write_sweep(tmp_path / "one.yaml", method="grid", parameters={"lr": {"value": 0.02}})
     fixed = [a for a in RESUME_ARGS if a not in ("--resume", "auto", "--lr", "0.02")]
-    extra = ["--dataset", str(dataset_dir), *fixed]
-    job = sbatch(env, tmp_path, "sweep.sh", "--array=0", args=[str(file), *extra])
-    run = tmp_path / "runs" / f"sweep-{job}" / "trial-0000-lr0.02"
-    _wait_for_a_checkpoint(run, tmp_path)
-    preempt(env, f"{job}_0")
-    wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] == "PENDING" or js[f"{job}_0"]["JobState"] in TERMINAL)
-    _start_requeued_now(env, f"{job}_0")
-    (state,) = wait(env, job, until=lambda js: js[f"{job}_0"]["JobState"] in TERMINAL).values()
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, logs(tmp_path))
-    return run
-
-
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(job_env, tmp_path, dataset_dir, resume_reference):
-    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, _usr1)
+    job = sbatch(job_env, tmp_path, "sweep.sh", "--array=0", args=[str(file), "--dataset", str(dataset_dir), *fixed])
+    task, run = f"{job}_0", tmp_path / "runs" / f"sweep-{job}" / "trial-0000-lr0.02"
+    newest = -1
+    for preempt in (_usr1, _scontrol_requeue):
+        _wait_for_a_checkpoint(run, tmp_path, after_step=newest)  # this attempt's own: it is training
+        preempt(job_env, task)
+        wait(job_env, job, until=lambda js: js[task]["JobState"] == "PENDING" or js[task]["JobState"] in TERMINAL)
+        newest = _checkpoint_steps(run)[-1]  # the stopped attempt's last
+        _start_requeued_now(job_env, task)
+    (state,) = wait(job_env, job, until=lambda js: js[task]["JobState"] in TERMINAL).values()
     text = logs(tmp_path)
-    assert "got SIGUSR1, forwarding" in text and "requeueing job" in text and "resuming from" in text
-    assert_same_run(run, resume_reference)
-
-
-def test_scontrol_requeue_checkpoints_and_resumes_to_the_same_result(job_env, tmp_path, dataset_dir,
-                                                                      resume_reference):
-    def requeue(env, job):  # what an administrator or a preempting job does
-        subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-
-    run = _preempt_and_finish(job_env, tmp_path, dataset_dir, requeue)
-    text = logs(tmp_path)
-    assert "received SIGTERM" in text and "resuming from" in text
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "2", (state, text)
+    first, second, third = text.split("(restart 1)")[0], *text.split("(restart 1)")[1].split("(restart 2)")
+    assert "got SIGUSR1, forwarding" in first and "requeueing job" in first, first
+    assert "resuming from" in second and "received SIGTERM" in second and "requeueing job" in second, second
+    assert "resuming from" in third, third
     assert_same_run(run, resume_reference)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
 
 
-def _multinode_preempted(env, tmp_path, dataset_dir) -> tuple:
+def _multinode_preempted(env, tmp_path, dataset_dir, *options) -> tuple:
     """Start a 2-node run, USR1 it (as --signal=B:USR1@N does) once it has a checkpoint, wait for the requeue."""
     env = {**env, "NPROC_PER_NODE": "1"}
-    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2",
+    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2", *options,
                  args=["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
     run = tmp_path / "runs" / f"cifar-multinode-{job}"
     _wait_for_a_checkpoint(run, tmp_path)
@@ -283,12 +256,20 @@ def _multinode_preempted(env, tmp_path, dataset_dir) -> tuple:
     return env, job, run
 
 
-def test_multinode_usr1_with_a_slow_checkpoint_requeues_and_resumes_exactly(job_env, tmp_path, dataset_dir,
-                                                                           ddp_resume_reference):
+def test_multinode_runs_a_launcher_per_node_and_a_slow_preemption_checkpoint_resumes_exactly(
+        job_env, tmp_path, dataset_dir, ddp_resume_reference):
     # The checkpoint of the preemption takes 8 s to write: the launchers on both nodes must outlive it.
     env = {**job_env, "CIFAR_ACCELERATE_DELAY": "preempted_save:8"}
-    env, job, run = _multinode_preempted(env, tmp_path, dataset_dir)
+    env, job, run = _multinode_preempted(env, tmp_path, dataset_dir, "--cpus-per-task=2")
     text = logs(tmp_path)
+    port = 15000 + int(job) % 15000  # below Linux's ephemeral ports (32768-60999)
+    for rank, host in ((0, "true"), (1, "false")):  # machine rank 0 hosts the rendezvous store, explicitly
+        assert (f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --rdzv_backend c10d "
+                f"--rdzv_conf is_host={host}") in text
+    # srun does not inherit --cpus-per-task since Slurm 22.05: the step must still get both CPUs, and
+    # its one process per node both threads.
+    environment = yaml.safe_load((run / "config.yaml").read_text())["environment"]
+    assert environment["cpus"] == 2 and environment["torch_threads"] == 2, environment
     assert "batch script on node1: got SIGUSR1, signalling the job steps" in text
     assert "node1: got SIGUSR1, forwarding" in text and "node2: got SIGUSR1, forwarding" in text
     assert text.count("received SIGUSR1: stopping after this step") == 2  # one line from each worker
@@ -302,6 +283,7 @@ def test_multinode_usr1_with_a_slow_checkpoint_requeues_and_resumes_exactly(job_
     text = logs(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text)
     assert "resuming from" in text and "starting fresh" not in text.split("restart 1")[-1]
+    assert read_summary(run)["world_size"] == 2
     assert_same_run(run, ddp_resume_reference)
 
 
@@ -326,12 +308,13 @@ exec {sys.executable} "$@"
     # the job PENDING with Restarts 2 instead.
 
 
-@pytest.mark.parametrize("entry", ["", "-m train.main"])  # the default: the script train/main.py
-def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env, tmp_path, dataset_dir, entry):
-    """Signal forwarding finds the workers under both launch forms; the cap on requeues holds."""
+@pytest.mark.parametrize("entry, gpus", [("", 1), ("-m train.main", 2)])  # the default: the script train/main.py
+def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env, tmp_path, dataset_dir, entry, gpus):
+    """Signal forwarding finds the workers under both launch forms, and every process DDP runs over the GPUs the
+    job was given (two fake GPUs: two processes, gloo on the CPU); the cap on requeues holds."""
     env = {**job_env, "MAX_REQUEUES": "0", "ENTRY": entry}
-    job = sbatch(env, tmp_path, "train.sbatch", args=["--dataset", str(dataset_dir),
-                                                      *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
+    job = sbatch(env, tmp_path, "train.sbatch", f"--gpus-per-node={gpus}", f"--cpus-per-task={gpus}",
+                 args=["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")]])
     run = tmp_path / "runs" / f"cifar-train-{job}"
     _wait_for_a_checkpoint(run, tmp_path)
     _usr1(env, job)
@@ -339,5 +322,7 @@ def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env
     text = logs(tmp_path)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0" and state["Restarts"] == "0", (state, text)
     assert "got SIGUSR1, forwarding to the training processes" in text and (run / "PREEMPTED").is_file()
+    assert text.count("received SIGUSR1: stopping after this step") == gpus  # every process got it
     assert f"not requeueing job {job}: preempted with a checkpoint" in text and "MAX_REQUEUES=0" in text
     assert (" -m train.main " if entry else "/train/main.py ") in text  # the launch command the log shows
+    assert yaml.safe_load((run / "config.yaml").read_text())["environment"]["world_size"] == gpus

@@ -120,7 +120,8 @@ def test_a_model_artifact_that_fails_to_log_is_one_warning_and_the_run_goes_on(d
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # W&B cannot stage the artifact's files under it, as on a read-only home
     out = tmp_path / "run"
-    proc = check(run_main([*offline_args(dataset_dir, out), "--wandb-log-model", "end"],
+    proc = check(run_main([*offline_args(dataset_dir, out), "--wandb-log-model", "end", "--epochs", "1",
+                           "--limit-batches", "2"],
                           env={"WANDB_DIR": str(tmp_path / "wb"), "WANDB_DATA_DIR": str(blocked / "wandb")}))
     warnings = [line for line in proc.stderr.splitlines() if "model artifact" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: W&B: logging the model artifact failed")
