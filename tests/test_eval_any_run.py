@@ -94,8 +94,10 @@ def test_an_option_that_contradicts_the_model_is_one_line(stem_run, dataset_dir,
 @pytest.mark.ddp
 def test_ddp_with_compile_saves_plain_keys_everywhere(dataset_dir, tmp_path):
     run = tmp_path / "run"
+    # Few input shapes, few graphs to compile: validation on the test split, each rank's half in one batch.
     proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(run), *SHORT, "--epochs", "1",
-                           "--compile", "--ema-decay", "0.9"], processes=2, env={"TORCH_LOGS": "ddp"}))
+                           "--compile", "--ema-decay", "0.9", "--val-size", "0", "--eval-batch-size", "128"],
+                          processes=2, env={"TORCH_LOGS": "ddp"}))
     # Compiled outside DDP, dynamo's DDPOptimizer splits the graph at DDP's buckets (ResNet-18's 45 MB of
     # gradients make several) so that their all-reduces overlap the backward; compiled inside, it never runs.
     buckets = [int(n) for n in re.findall(r"DDPOptimizer used bucket cap \d+ and created (\d+) buckets", proc.stderr)]

@@ -256,20 +256,13 @@ def _multinode_preempted(env, tmp_path, dataset_dir, *options) -> tuple:
     return env, job, run
 
 
-def test_multinode_runs_a_launcher_per_node_and_a_slow_preemption_checkpoint_resumes_exactly(
-        job_env, tmp_path, dataset_dir, ddp_resume_reference):
+def test_multinode_usr1_with_a_slow_checkpoint_requeues_and_resumes_exactly(job_env, tmp_path, dataset_dir,
+                                                                           ddp_resume_reference):
     # The checkpoint of the preemption takes 8 s to write: the launchers on both nodes must outlive it.
+    # One CPU a task: one thread a process, as the reference ran (other thread counts round differently).
     env = {**job_env, "CIFAR_ACCELERATE_DELAY": "preempted_save:8"}
-    env, job, run = _multinode_preempted(env, tmp_path, dataset_dir, "--cpus-per-task=2")
+    env, job, run = _multinode_preempted(env, tmp_path, dataset_dir)
     text = logs(tmp_path)
-    port = 15000 + int(job) % 15000  # below Linux's ephemeral ports (32768-60999)
-    for rank, host in ((0, "true"), (1, "false")):  # machine rank 0 hosts the rendezvous store, explicitly
-        assert (f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --rdzv_backend c10d "
-                f"--rdzv_conf is_host={host}") in text
-    # srun does not inherit --cpus-per-task since Slurm 22.05: the step must still get both CPUs, and
-    # its one process per node both threads.
-    environment = yaml.safe_load((run / "config.yaml").read_text())["environment"]
-    assert environment["cpus"] == 2 and environment["torch_threads"] == 2, environment
     assert "batch script on node1: got SIGUSR1, signalling the job steps" in text
     assert "node1: got SIGUSR1, forwarding" in text and "node2: got SIGUSR1, forwarding" in text
     assert text.count("received SIGUSR1: stopping after this step") == 2  # one line from each worker
@@ -283,11 +276,11 @@ def test_multinode_runs_a_launcher_per_node_and_a_slow_preemption_checkpoint_res
     text = logs(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, text)
     assert "resuming from" in text and "starting fresh" not in text.split("restart 1")[-1]
-    assert read_summary(run)["world_size"] == 2
     assert_same_run(run, ddp_resume_reference)
 
 
 def test_multinode_failure_after_preemption_is_not_requeued_again(job_env, tmp_path, dataset_dir):
+    """Also what multinode.sbatch starts: one launcher per node, with the task's CPUs."""
     # The requeued attempt fails in the launcher, before train/main.py runs (a bad node, an import error):
     # the first attempt's PREEMPTED marker must not requeue it again, and again, ...
     python = tmp_path / "python-failing-after-requeue"
@@ -296,7 +289,18 @@ if [ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ]; then echo "launcher failure on $SLUR
 exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
-    env, job, run = _multinode_preempted({**job_env, "PYTHON": str(python)}, tmp_path, dataset_dir)
+    env, job, run = _multinode_preempted({**job_env, "PYTHON": str(python)}, tmp_path, dataset_dir,
+                                         "--cpus-per-task=2")
+    text = logs(tmp_path)  # the first attempt: one launcher per node, each process with both CPUs
+    port = 15000 + int(job) % 15000  # below Linux's ephemeral ports (32768-60999)
+    for rank, host in ((0, "true"), (1, "false")):  # machine rank 0 hosts the rendezvous store, explicitly
+        assert (f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --rdzv_backend c10d "
+                f"--rdzv_conf is_host={host}") in text
+    # srun does not inherit --cpus-per-task since Slurm 22.05: the step must still get both CPUs, and
+    # its one process per node both threads.
+    environment = yaml.safe_load((run / "config.yaml").read_text())["environment"]
+    assert environment["cpus"] == 2 and environment["torch_threads"] == 2 and environment["world_size"] == 2, \
+        environment
     _start_requeued_now(env, job)
     (state,) = wait(env, job).values()
     text = logs(tmp_path)

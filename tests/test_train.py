@@ -138,8 +138,10 @@ def test_smoke_limits_stop_early(dataset_dir, tmp_path):
 
 def test_compiled_model_trains_and_saves_plain_weights(dataset_dir, tmp_path):
     out = tmp_path / "compiled"
+    # Each input shape is a graph to compile: one training batch size, and validation on the test split in one
+    # batch (--val-size 0, --eval-batch-size 128).
     check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--compile", "--max-steps", "3",
-                    "--limit-batches", "3"]))
+                    "--limit-batches", "3", "--val-size", "0", "--eval-batch-size", "128"]))
     summary = read_summary(out)
     assert summary["steps"] == 3
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
