@@ -1,4 +1,5 @@
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -31,6 +32,13 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "d
 os.environ.update({k: CHILD_ENV[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")})
 
 
+# accelerate launch's rendezvous port, one per pytest-xdist worker (gw0, gw1, ...): two workers' DDP runs at once
+# must not meet on Accelerate's default 29500, which the local Slurm's single-node jobs keep.
+PORT = str(29600 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0))
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1",
+          "--main_process_port", PORT]
+
+
 def child_env(**extra) -> dict:
     return {**os.environ, **CHILD_ENV, **extra}
 
@@ -38,8 +46,7 @@ def child_env(**extra) -> dict:
 def run_main(args, *, processes: int = 0, env=None, timeout=600, launch_args=()) -> subprocess.CompletedProcess:
     """Run train/main.py as users do: plain python, or `accelerate launch` with N CPU processes (gloo)."""
     if processes:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1",
-               "--dynamo_backend", "no", *launch_args]
+        cmd = [*LAUNCH, "--dynamo_backend", "no", *launch_args]
         cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
         cmd += [MAIN, *args]
         env = child_env(ACCELERATE_USE_CPU="true", **(env or {}))
@@ -151,16 +158,44 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.quick)
 
 
+def once(tmp_path_factory, name: str, build) -> Path:
+    """Folder NAME made by build(folder) once for the whole test run, shared by every pytest-xdist worker: the
+    first worker to ask builds it under a lock, the others wait for the lock and read what it built. Read-only
+    for the tests that use it (copy it to change it)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if build() fails
+        if not (base / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker's build that failed half-way
+            folder.mkdir()
+            build(folder)
+            (base / f"{name}.done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_core_per_worker():
+    """Under pytest-xdist each worker computes on one thread, as each child it starts does: -n 2 fills 2 cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def decode_cache(tmp_path_factory):
-    """Runs started by the tests cache decoded images here, not in the user's ~/.cache."""
-    os.environ["CIFAR_ACCELERATE_CACHE"] = str(tmp_path_factory.mktemp("decode-cache"))
+    """Runs started by the tests cache decoded images here, not in the user's ~/.cache; one cache for every
+    worker, so each split is decoded once in the whole run (cache files are written atomically)."""
+    os.environ["CIFAR_ACCELERATE_CACHE"] = str(once(tmp_path_factory, "decode-cache", lambda folder: None))
 
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> Path:
     """256 train / 101 test images (an odd test size, to catch DDP padding), hub parquet layout."""
-    return write_parquet_dataset(tmp_path_factory.mktemp("synthetic") / "ds")
+    return once(tmp_path_factory, "synthetic", lambda folder: write_parquet_dataset(folder / "ds")) / "ds"
 
 
 @pytest.fixture
@@ -210,9 +245,8 @@ def assert_same_run(run, reference):
 @pytest.fixture(scope="session")
 def resume_reference(dataset_dir, tmp_path_factory) -> Path:
     """An uninterrupted run that interrupted-and-resumed runs must reproduce exactly."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    check(run_main(resume_args(dataset_dir, out)))
-    return out
+    return once(tmp_path_factory, "ref", lambda folder: check(run_main(resume_args(dataset_dir, folder / "run")))
+                ) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -224,9 +258,8 @@ def trained_run(resume_reference) -> Path:
 @pytest.fixture(scope="session")
 def ddp_resume_reference(dataset_dir, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run (4 steps an epoch): what resumed DDP and 2-node runs reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("ddp-ref") / "run"
-    check(run_main(resume_args(dataset_dir, out), processes=2))
-    return out
+    return once(tmp_path_factory, "ddp-ref",
+                lambda folder: check(run_main(resume_args(dataset_dir, folder / "run"), processes=2))) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -234,10 +267,10 @@ def ddp_run(dataset_dir, tmp_path_factory) -> Path:
     """One 2-process run with W&B offline (its files in the run folder's wandb/), for the tests that read what a
     DDP run leaves: counts, metrics, the one W&B run. 27 validation images: odd, so one rank's last batch is padded
     with a repeat."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--val-images", "27",
-                    "--wandb-mode", "offline"], processes=2, env={"WANDB_DIR": str(out.parent / "wb")}))
-    return out
+    def build(folder):
+        check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(folder / "run"), *FAST, "--val-images",
+                        "27", "--wandb-mode", "offline"], processes=2, env={"WANDB_DIR": str(folder / "wb")}))
+    return once(tmp_path_factory, "ddp", build) / "run"
 
 
 def assert_resumed(proc: subprocess.CompletedProcess, total_steps: int) -> tuple:

@@ -2,11 +2,10 @@
 and the end of a DDP run: every process destroys its process group."""
 
 import subprocess
-import sys
 
 import pytest
 
-from conftest import FAST, ROOT, check, child_env, read_summary, run_main, wandb_records
+from conftest import FAST, LAUNCH, ROOT, check, child_env, read_summary, run_main, wandb_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 SHORT = [*FAST, "--epochs", "1", "--limit-batches", "2"]
@@ -61,8 +60,8 @@ def test_every_process_destroys_its_process_group_at_the_end(dataset_dir, tmp_pa
     driver = tmp_path / "after_main.py"
     driver.write_text(AFTER_MAIN)
     slow = ["--dist-timeout", "60"] if "--no-wandb" in tracking else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1", "--dynamo_backend", "no",
-           "--multi_gpu", "--num_processes", "2", str(driver), "--dataset", str(dataset_dir),
+    cmd = [*LAUNCH, "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(driver),
+           "--dataset", str(dataset_dir),
            "--output-dir", str(tmp_path / "run"), *SHORT, *tracking, *slow]
     env = child_env(ACCELERATE_USE_CPU="true", WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="",
                     **({"CIFAR_ACCELERATE_DELAY": "data_prep:5"} if slow else {}))

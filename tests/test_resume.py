@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import (FAST, MAIN, ROOT, assert_resumed, assert_same_run, check, child_env, main_in_process,
+from conftest import (FAST, LAUNCH, MAIN, ROOT, assert_resumed, assert_same_run, check, child_env, main_in_process,
                       read_summary, run_main)
 from conftest import resume_args as args
 from train.checkpoint import Checkpointer
@@ -152,9 +152,8 @@ def _workers(pid_dir: Path) -> list:
 
 def _start(cmd_args, pid_dir: Path, processes=0, entry=(MAIN,)):
     if processes:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
-               *entry, *cmd_args]
+        cmd = [*LAUNCH, "--multi_gpu", "--num_processes", str(processes), "--dynamo_backend", "no",
+               "--mixed_precision", "no", *entry, *cmd_args]
         env = child_env(ACCELERATE_USE_CPU="true", CIFAR_ACCELERATE_PID_DIR=str(pid_dir))
     else:
         cmd, env = [sys.executable, *entry, *cmd_args], child_env(CIFAR_ACCELERATE_PID_DIR=str(pid_dir))

@@ -16,7 +16,8 @@ import yaml
 
 from conftest import RESUME_ARGS, ROOT, assert_same_run, call, child_env, read_summary, study_trials, write_sweep
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One worker runs them all (pytest-xdist's loadgroup): they share the one local cluster its fixture starts.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 

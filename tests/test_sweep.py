@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, call, child_env, wandb_records, wandb_summary, write_sweep
+from conftest import PORT, ROOT, call, child_env, wandb_records, wandb_summary, write_sweep
 from conftest import study_trials as trials
 
 pytestmark = pytest.mark.slow
@@ -223,7 +223,8 @@ def test_a_ddp_trial_is_pruned_on_every_rank_at_the_same_epoch(tmp_path, dataset
                        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
     folder = tmp_path / "sweep"
     proc = ok(run_sweep(file, folder, "--processes-per-trial", "2", *LEARNS, dataset=dataset_dir,
-                        env={"ACCELERATE_USE_CPU": "true", "CIFAR_SWEEP_LAUNCH": "--dynamo_backend no"}))
+                        env={"ACCELERATE_USE_CPU": "true",
+                             "CIFAR_SWEEP_LAUNCH": f"--dynamo_backend no --main_process_port {PORT}"}))
     good, bad = sorted(counted(folder), key=lambda t: t.number)
     assert (good.params["lr"], good.state.name) == (0.02, "COMPLETE")
     assert (bad.params["lr"], bad.state.name) == (1e-06, "PRUNED")
@@ -339,7 +340,8 @@ def test_a_stopped_worker_stops_its_trial_at_a_checkpoint_and_the_next_resumes_i
     stays RUNNING, the worker exits 75, and the next worker resumes the trial with the steps it lacked."""
     file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.02]}})
     folder, options = tmp_path / "sweep", [*LEARNS, "--processes-per-trial", str(processes)]
-    env = {"ACCELERATE_USE_CPU": "true", "CIFAR_SWEEP_LAUNCH": "--dynamo_backend no --mixed_precision no"
+    env = {"ACCELERATE_USE_CPU": "true",
+           "CIFAR_SWEEP_LAUNCH": f"--dynamo_backend no --mixed_precision no --main_process_port {PORT}"
            } if processes > 1 else {}
     worker = subprocess.Popen(sweep_cmd(file, folder, *options, dataset=dataset_dir), cwd=ROOT,
                               env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
