@@ -113,8 +113,9 @@ def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(ddp_ru
 @pytest.mark.ddp
 def test_shipped_accelerate_config_trains_with_bf16_and_ddp_on_cpu(dataset_dir, tmp_path):
     out = tmp_path / "bf16"
-    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST], processes=2,
-                          launch_args=["--config_file", "accelerate_config.yaml"]))
+    # bf16 is emulated (slow) on CPUs without AVX-512 BF16 or AMX: 2 epochs, as few as still learn (0.97 here).
+    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--epochs", "2"],
+                          processes=2, launch_args=["--config_file", "accelerate_config.yaml"]))
     assert "Grad strides do not match" not in proc.stderr  # DDP's note on 1x1 convolutions: silenced
     summary = read_summary(out)
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
