@@ -88,8 +88,8 @@ def _as_a_child(env: dict):
 @contextlib.contextmanager
 def _captured_output():
     """stdout and stderr, file descriptors 1 and 2 included (child processes write there), each to a file of its
-    own, line by line in the order written; yields a dict that gets "out" and "err". CSV's \r\n reads as \n, as
-    from a text-mode pipe; a lone \r (a progress-bar frame) stays."""
+    own, line by line in the order written; yields a dict that gets "out" and "err". CSV's CR LF reads as LF, as
+    from a text-mode pipe; a lone CR (a progress-bar frame) stays, where such a pipe would turn it into LF."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         streams, saved = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
         for stream in streams:
