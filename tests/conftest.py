@@ -32,8 +32,9 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "d
 os.environ.update({k: CHILD_ENV[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")})
 
 
-# accelerate launch's rendezvous port, one per pytest-xdist worker (gw0, gw1, ...): two workers' DDP runs at once
-# must not meet on Accelerate's default 29500, which the local Slurm's single-node jobs keep.
+# accelerate launch's rendezvous port, one per pytest-xdist worker (gw0, gw1, ...): two workers' DDP runs at once do
+# not meet on Accelerate's default 29500 (which the local Slurm's single-node jobs keep), where the second would
+# warn and look for a free port, racing the first to bind it.
 PORT = str(29600 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0))
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1",
           "--main_process_port", PORT]
