@@ -56,6 +56,6 @@ def test_a_run_stops_with_one_line_or_reports_what_it_skipped(bad_dataset, tmp_p
 
     out = tmp_path / "skipped"
     check(main_in_process(["--dataset", str(bad_dataset), "--output-dir", str(out), *FAST, "--epochs", "1",
-                    "--skip-bad-images"]))
+                           "--skip-bad-images"]))
     assert read_summary(out)["skipped_images"] == {"train": 1, "test": 0}
     assert "left out, undecodable (--skip-bad-images): 1 train, 0 test" in (out / "report.md").read_text()

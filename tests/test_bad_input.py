@@ -58,10 +58,10 @@ def case_args(places, name):
     return argv, {k: v.format(**places) for k, v in env.items()}
 
 
-def assert_one_clear_line(code, err, name):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+def assert_one_clear_line(proc, name):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert CASES[name][2] in lines[0]
 
 
@@ -69,7 +69,7 @@ def assert_one_clear_line(code, err, name):
 def test_bad_input_is_one_clear_line(places, case):
     argv, env = case_args(places, case)
     proc = main_in_process(argv, env=env)
-    assert_one_clear_line(proc.returncode, proc.stderr, case)
+    assert_one_clear_line(proc, case)
 
 
 @pytest.mark.slow
@@ -77,4 +77,4 @@ def test_a_real_process_exits_2_with_the_line(places):
     argv, env = case_args(places, "labels out of range")
     proc = subprocess.run([sys.executable, MAIN, *argv], cwd=ROOT, env=child_env(**env), capture_output=True,
                           text=True, timeout=300)
-    assert_one_clear_line(proc.returncode, proc.stderr, "labels out of range")
+    assert_one_clear_line(proc, "labels out of range")

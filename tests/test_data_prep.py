@@ -61,8 +61,7 @@ def test_every_process_destroys_its_process_group_at_the_end(dataset_dir, tmp_pa
     driver.write_text(AFTER_MAIN)
     slow = ["--dist-timeout", "60"] if "--no-wandb" in tracking else []
     cmd = [*LAUNCH, "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(driver),
-           "--dataset", str(dataset_dir),
-           "--output-dir", str(tmp_path / "run"), *SHORT, *tracking, *slow]
+           "--dataset", str(dataset_dir), "--output-dir", str(tmp_path / "run"), *SHORT, *tracking, *slow]
     env = child_env(ACCELERATE_USE_CPU="true", WANDB_DIR=str(tmp_path / "wb"), WANDB_MODE="",
                     **({"CIFAR_ACCELERATE_DELAY": "data_prep:5"} if slow else {}))
     proc = check(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))

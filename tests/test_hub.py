@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import call, module, read_summary
+from conftest import call, main_in_process, module, read_summary
 from synthetic import CLASS_NAMES
 
 pytestmark = pytest.mark.slow
@@ -92,8 +92,8 @@ def test_every_kind_of_model_gives_the_same_predictions(hub_folder, trained_run,
 
 def test_eval_only_on_the_hub_folder_reproduces_the_run(hub_folder, trained_run, dataset_dir, tmp_path):
     out = tmp_path / "eval"
-    proc = call("train.main", "--dataset", dataset_dir, "--eval-only", "--checkpoint", hub_folder, "--output-dir", out,
-                "--eval-batch-size", "64")
+    proc = main_in_process(["--dataset", str(dataset_dir), "--eval-only", "--checkpoint", str(hub_folder),
+                            "--output-dir", str(out), "--eval-batch-size", "64"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = read_summary(out), read_summary(trained_run)
     assert (got["test_acc"], got["test_f1_macro"], got["confusion_matrix"]) == \

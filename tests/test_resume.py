@@ -29,11 +29,6 @@ def reference(resume_reference):
     return resume_reference
 
 
-@pytest.fixture
-def ddp_reference(ddp_resume_reference):
-    return ddp_resume_reference
-
-
 STEPS = 24  # 8 an epoch, 3 epochs (RESUME_ARGS); under 2-process DDP 4 an epoch
 DDP_STEPS = 12
 
@@ -198,7 +193,7 @@ def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_pa
     ("kill_after_step:7", "e0001-b000002-step00000006"),
     ("kill_during_save:3", "e0001-b000000-step00000004"),  # writing the step-6 checkpoint
 ])
-def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_reference, tmp_path, failpoint, newest):
+def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_resume_reference, tmp_path, failpoint, newest):
     out = tmp_path / "run"
     killed = run_main(args(dataset_dir, out), processes=2, env={"CIFAR_ACCELERATE_FAILPOINT": failpoint})
     assert killed.returncode != 0 and not (out / "summary.json").exists()
@@ -208,12 +203,12 @@ def test_ddp_killed_run_resumes_to_the_same_result(dataset_dir, ddp_reference, t
     assert checkpoints(out)[-1] == newest and verifies(out, newest)
     resumed = check(run_main(args(dataset_dir, out), processes=2))
     assert assert_resumed(resumed, DDP_STEPS)[0] == newest
-    assert_same_run(out, ddp_reference)
+    assert_same_run(out, ddp_resume_reference)
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("sig, rank, entry", [(signal.SIGUSR1, 1, (MAIN,)), (signal.SIGTERM, 0, ("-m", "train.main"))])
-def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_reference, tmp_path, sig, rank, entry):
+def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_resume_reference, tmp_path, sig, rank, entry):
     """Under both launch forms: `accelerate launch train/main.py` and `accelerate launch -m train.main`."""
     out, pids = tmp_path / "run", tmp_path / "pids"
     code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), pids, processes=2, entry=entry), out,
@@ -223,4 +218,4 @@ def test_ddp_signal_to_one_rank_stops_all_ranks(dataset_dir, ddp_reference, tmp_
     newest = json.loads((out / "checkpoints" / checkpoints(out)[-1] / "trainer_state.json").read_text())["step"]
     resumed = check(run_main(args(dataset_dir, out), processes=2))
     assert assert_resumed(resumed, DDP_STEPS)[1] == newest
-    assert_same_run(out, ddp_reference)
+    assert_same_run(out, ddp_resume_reference)

@@ -22,15 +22,18 @@ QUICK = [*TRIAL, "--epochs", "1", "--limit-batches", "2"]  # a trial in a few se
 LEARNS = [*TRIAL, "--batch-size", "32", "--epochs", "3"]  # resnet18 learns the generated classes in 2-3 epochs
 
 
+def sweep_args(file, folder, *options, dataset) -> list:
+    return [str(file), "--sweep-dir", str(folder), "--dataset", str(dataset), *options]
+
+
 def sweep_cmd(file, folder, *options, dataset):
-    return [sys.executable, "-m", "train.sweep", str(file), "--sweep-dir", str(folder), "--dataset", str(dataset),
-            *options]
+    return [sys.executable, "-m", "train.sweep", *sweep_args(file, folder, *options, dataset=dataset)]
 
 
 def run_sweep(file, folder, *options, dataset, env=None):
     """A worker in this process (its trials are processes of their own): for the tests whose subject is not the
     worker's process. Those that signal or kill a worker start it with sweep_cmd()."""
-    return call("train.sweep", *sweep_cmd(file, folder, *options, dataset=dataset)[3:], env=env)
+    return call("train.sweep", *sweep_args(file, folder, *options, dataset=dataset), env=env)
 
 
 def counted(folder):
@@ -78,7 +81,7 @@ def test_a_bad_sweep_is_one_line_and_exit_2(tmp_path, dataset_dir, case):
     sweep, expected = BAD[case]
     file = write_sweep(tmp_path / "sweep.yaml", **sweep)
     folder = tmp_path / "sweep"
-    proc = call("train.sweep", *sweep_cmd(file, folder, *FIXED.get(case, []), dataset=dataset_dir)[3:])
+    proc = run_sweep(file, folder, *FIXED.get(case, []), dataset=dataset_dir)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0], lines[0]
