@@ -20,7 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from train import hub, run_dir
 from train.errors import UsageError
 from train.failpoints import delay, failpoint
-from train.files import atomic_write, dumps, sha256, writing
+from train.files import atomic_write, default_mode, dumps, sha256, writing
 from train.models import ModelSpec, clean_keys
 
 # Accelerate's save_state name for the model's current weights in a checkpoint folder.
@@ -170,6 +170,8 @@ class Checkpointer:
         failpoint("kill_during_save", self.saves)
         failpoint("enospc_during_save", self.saves, tmp / MANIFEST)
         delay("preempted_save" if preempted else "save")
+        for path in tmp.iterdir():  # safetensors (ours and Accelerate's model file) writes 0600
+            default_mode(path)
         _fsync_tree(tmp)
         _write_manifest(tmp)
 

@@ -14,15 +14,40 @@ LOW_SPACE = 64 << 20  # bytes left after a failed write that make "the disk is f
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: readers see the old file or the new, never half of one."""
+    """Call write(tmp_path), then rename over `path`: readers see the old file or the new, never half of one.
+    The file gets the mode a new file gets under the umask, whatever mode `write` created it with."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:  # a failed or interrupted write leaves the old file, and no half of a new one
         tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: /proc (Linux 4.7+); else os.umask set and put back, which
+    leaves a moment in which another thread would create files under umask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: Path) -> None:
+    """Give a regular file the mode open() gives a new file under the umask (0644 under umask 022, 0664 under
+    002). safetensors writes its files 0600 (through a private temporary file), which would keep a shared run
+    folder's weights from the group that can read everything else in it."""
+    if Path(path).is_file() and not Path(path).is_symlink():
+        os.chmod(path, 0o666 & ~umask())
 
 
 def sha256(path: Path) -> str:
