@@ -206,7 +206,7 @@ def parts_for(dataset_dir):
 
     from train.config import Config
     from train.data import load_image_data
-    from train.main import make_accelerator
+    from train.process import make_accelerator
     from train.runner import build_parts
 
     AcceleratorState._reset_state(reset_partial_state=True)

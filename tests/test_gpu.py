@@ -42,7 +42,7 @@ def assert_trained(out, precision):
 def gpu_parts(dataset_dir, monkeypatch):
     from train.config import Config
     from train.data import load_image_data
-    from train.main import make_accelerator
+    from train.process import make_accelerator
     from train.runner import build_parts
 
     def build(precision, **options):

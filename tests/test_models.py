@@ -2,6 +2,7 @@ import pytest
 import torch
 import torchvision
 
+from train.archs import classification_builders
 from train.errors import UsageError
 from train.models import build_model, replace_head
 
@@ -16,6 +17,11 @@ def test_head_sized_to_the_classes(arch):
 def test_unknown_arch_lists_close_matches():
     with pytest.raises(UsageError, match="did you mean mobilenet_v3_small"):
         build_model("mobilenet_v3_smal", 10)
+
+
+def test_the_arch_list_read_from_torchvisions_source_is_its_list_models():
+    """train/archs.py answers --arch without importing torchvision, from the builders its source registers."""
+    assert list(classification_builders()) == sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def test_pretrained_weights_come_from_torch_hub_cache(tmp_path, monkeypatch):

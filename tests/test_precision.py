@@ -8,7 +8,7 @@ from train.augment import BatchTransform
 from train.config import Config
 from train.data import load_image_data
 from train.loop import Hooks, LoopConfig, TrainState, evaluate, train_one_epoch
-from train.main import make_accelerator
+from train.process import make_accelerator
 from train.runner import build_parts
 from train.models import plain_model
 

@@ -201,7 +201,7 @@ def run_config(**kw) -> Config:
 @pytest.fixture
 def offline_tracker(tmp_path, monkeypatch):
     """Start a Tracker as train/main.py does, in offline mode; yields a function (cfg, config) -> Tracker."""
-    from train.main import make_accelerator
+    from train.process import make_accelerator
 
     for var in (*SLURM_VARS, "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -338,7 +338,7 @@ def test_credentials_are_found_in_the_environment_or_netrc(tmp_path, monkeypatch
 def tracker_script(argv: list, out: Path) -> str:
     """Python that goes through train/main.py's W&B steps for `argv` and prints the Tracker's state."""
     return (f"import json, sys\nfrom pathlib import Path\nfrom train import tracking\n"
-            f"from train.config import parse_config\nfrom train.main import make_accelerator\n"
+            f"from train.config import parse_config\nfrom train.process import make_accelerator\n"
             f"cfg = parse_config({argv!r} + ['--output-dir', {str(out)!r}])\n"
             f"track = tracking.wanted(cfg)\nout = Path(cfg.output_dir)\nout.mkdir(parents=True)\n"
             f"tracker = tracking.Tracker(make_accelerator(cfg, track), cfg, out, enabled=track)\n"

@@ -6,7 +6,6 @@ repeated with `--config runs/X/config.yaml`.
 
 import argparse
 import dataclasses
-import difflib
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -15,7 +14,7 @@ from typing import ClassVar
 
 import yaml
 
-from train.errors import UsageError
+from train.errors import UsageError, did_you_mean
 
 
 # torch.compile modes whose inductor output replays CUDA graphs.
@@ -111,7 +110,7 @@ class Config:
         for f in fields(self):  # argparse checks choices on the command line, not in YAML defaults
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
+                raise UsageError(f"--{_flag(f.name)} must be one of {', '.join(c for c in choices if c)}, "
                                  f"got '{getattr(self, f.name)}'")
         positive = ("epochs", "batch_size", "eval_batch_size", "lr", "image_size", "grad_accum_steps", "log_every",
                 "dist_timeout")
@@ -175,15 +174,50 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+# Names Hugging Face's Trainer and timm's train.py give some of these options, to suggest ours for.
+KNOWN_AS = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "model": "arch",
+            "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+            "validation_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum_steps",
+            "max_grad_norm": "clip_grad_norm", "clip_grad": "clip_grad_norm", "opt": "optimizer",
+            "sched": "scheduler", "lr_scheduler_type": "scheduler",
+            "smoothing": "label_smoothing", "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
+            "model_ema_decay": "ema_decay", "workers": "num_workers", "dataloader_num_workers": "num_workers",
+            "aa": "auto_augment", "reprob": "random_erasing", "img_size": "image_size", "data_dir": "dataset"}
+
+
+def suggest(name: str, as_flag: bool = False) -> str:
+    """'; did you mean X?' for a mistyped option name: a config file's key, or a flag without its --."""
+    name, show = name.replace("-", "_"), (lambda option: f"--{_flag(option)}") if as_flag else str
+    if name in KNOWN_AS:
+        return f"; did you mean {show(KNOWN_AS[name])}?"
+    return did_you_mean(name, [f.name for f in fields(Config)], show=show)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print usage and exit; we want one line
-        raise UsageError(f"{message} (see --help)")
+        unknown = [arg.split("=")[0][2:] for arg in message.partition("unrecognized arguments:")[2].split()
+                   if arg.startswith("--")]
+        hint = suggest(unknown[0], as_flag=True) if unknown else ""
+        raise UsageError(f"{message}{hint} (see --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default once: not after a help text that says its default itself, nor an empty one."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.default in ("", None):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EPILOG = ("Mixed precision and the number of processes come from `accelerate launch` (--mixed_precision, "
+          "--num_processes, --config_file), not from these options; `python train/main.py` is one process, fp32.")
 
 
 def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     """only_given: a parser whose result holds only the options actually on the command line."""
     parser = _Parser(description="Train a torchvision classifier on a Hugging Face image dataset with Accelerate.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--config", default="", help="YAML file of options; the command line overrides it")
     by_name = {f.name: f for f in fields(Config)}
     for title, names in GROUPS.items():
@@ -200,8 +234,13 @@ def _add_option(group, flag: str, f, default, help) -> None:
     if f.type is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help)
     else:
-        group.add_argument(flag, dest=f.name, type=f.type, default=default, help=help,
-                           choices=f.metadata.get("choices"))
+        choices = f.metadata.get("choices")
+        if choices and "" in choices:  # "" (unset) is no choice to show: validate() checks these
+            choices, metavar = None, "{" + ",".join(c for c in choices if c) + "}"
+        else:
+            metavar = None
+        group.add_argument(flag, dest=f.name, type=f.type, default=default, help=help, choices=choices,
+                           metavar=metavar)
 
 
 def _agent_booleans(argv: list) -> list:
@@ -242,9 +281,7 @@ def load_yaml_options(path: str) -> dict:
         if name == "environment":  # versions recorded in a run's config.yaml, not options
             continue
         if name not in types:
-            close = difflib.get_close_matches(name, types, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UsageError(f"config file {path}: unknown key '{key}'{hint}")
+            raise UsageError(f"config file {path}: unknown key '{key}'{suggest(name)}")
         options[name] = _coerce(path, key, value, types[name])
     return options
 

@@ -15,7 +15,13 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train import decode
-from train.errors import UsageError
+from train.errors import UsageError, first_line
+from train.paths import check_dataset, is_local
+
+# After a Hub failure: the two ways forward, as one line.
+HUB_HELP = ("; give a local folder instead, or fetch it once where there is network: python -c \"import datasets; "
+            "datasets.load_dataset('{name}').save_to_disk('data/{short}')\" and pass --dataset data/{short} "
+            "(HF_HUB_OFFLINE=1 reads the Hub's cache without asking the Hub)")
 
 
 @dataclass
@@ -132,17 +138,15 @@ def load_dataset_dict(name: str):
 
     datasets.disable_progress_bars()  # our own bar reports progress; theirs would bury error lines
     datasets.logging.set_verbosity_error()
-    path = Path(name)
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not path.exists():
-        raise UsageError(f"dataset path {name} does not exist")
+    check_dataset(name)
+    path = Path(os.path.expanduser(name))
     try:
         if (path / "dataset_dict.json").is_file():
             return datasets.load_from_disk(str(path))
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(str(path) if is_local(name) else name)
     except Exception as e:  # offline hub, missing files, bad layout: all the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load dataset {name}: {first}") from None
+        help = "" if is_local(name) else HUB_HELP.format(name=name, short=name.split("/")[-1])
+        raise UsageError(f"could not load dataset {name}: {first_line(e)}{help}") from None
     if not isinstance(loaded, datasets.DatasetDict):
         raise UsageError(f"dataset {name} must have named splits (train, test)")
     return loaded

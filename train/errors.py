@@ -1,5 +1,7 @@
-"""The one exception type that reaches the user as a single line and exit status 2."""
+"""The one exception type that reaches the user as a single line and exit status 2, and the helpers that
+keep every error to one line."""
 
+import difflib
 import os
 import sys
 
@@ -34,3 +36,15 @@ def report_write_error(error: OSError) -> int:
     print(f"error: could not write{where}: {error.strerror or error}; free space or choose another "
           f"--output-dir, then continue with --resume auto", file=sys.stderr, flush=True)
     return EXIT_IO
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def did_you_mean(word: str, options, cutoff: float = 0.6, show=str) -> str:
+    """'; did you mean a, b?' for the options close to a mistyped word (each written as show(option)), or ''."""
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=cutoff)
+    return f"; did you mean {', '.join(show(c) for c in close)}?" if close else ""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from train import run_dir
 from train.errors import UsageError
+from train.paths import is_hub_id
 from train.models import ModelSpec
 
 CONFIG_JSON, CARD = "config.json", "README.md"
@@ -111,12 +112,6 @@ def write_folder(run: Path, out: Path, dataset_id: str = "", repo_id: str = "") 
     os.replace(tmp, out)
 
 
-def _hub_dataset(dataset: str) -> bool:
-    """A Hub dataset id (owner/name), not a local folder."""
-    return bool(dataset) and not Path(os.path.expanduser(dataset)).exists() and dataset.count("/") <= 1 \
-        and not dataset.startswith((".", "/", "~"))
-
-
 def card_data(spec: ModelSpec, summary: dict, config: dict, dataset: str, name: str):
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -127,7 +122,7 @@ def card_data(spec: ModelSpec, summary: dict, config: dict, dataset: str, name: 
                EvalResult(metric_type="f1", metric_name="Test macro-F1", metric_value=summary["test_f1_macro"],
                           metric_args={"average": "macro"}, **common)]
     return ModelCardData(library_name="pytorch", license="apache-2.0", model_name=name,
-                         datasets=[dataset] if _hub_dataset(dataset) else None, eval_results=results,
+                         datasets=[dataset] if is_hub_id(dataset) else None, eval_results=results,
                          tags=["image-classification", "torchvision", spec.arch, "cifar-accelerate"],
                          pipeline_tag="image-classification")
 

@@ -2,7 +2,6 @@
 a trained model was built (ModelSpec) that travels with its weights."""
 
 import dataclasses
-import difflib
 import json
 import re
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from train.archs import check_arch
 from train.augment import MEAN, STD
 from train.errors import UsageError
 
@@ -75,18 +75,6 @@ def plain_model(accelerator, model: nn.Module) -> nn.Module:
 def clean_keys(state_dict: dict) -> dict:
     """State dict keys without DDP's `module.` or torch.compile's `_orig_mod.` (written by older runs)."""
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def classification_models() -> list:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def check_arch(arch: str) -> None:
-    known = classification_models()
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
-        raise UsageError(f"unknown --arch '{arch}'{hint}")
 
 
 def build_model(arch: str, num_classes: int, pretrained: bool = False, cifar_stem: bool = False) -> nn.Module:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from train.errors import first_line
 from train.files import dumps
 
 STATE_FILE = "wandb.json"  # the run id: a resumed or requeued run continues the same W&B run
@@ -95,11 +96,11 @@ class Tracker:
         try:
             self._init(config, mode)
         except Exception as e:  # network, auth, bad settings: W&B is optional
-            _warn(f"could not start the run ({_first_line(e)}); trying offline mode")
+            _warn(f"could not start the run ({first_line(e)}); trying offline mode")
             try:
                 self._init(config, "offline")
             except Exception as e2:
-                _warn(f"offline mode failed too ({_first_line(e2)}); continuing without W&B")
+                _warn(f"offline mode failed too ({first_line(e2)}); continuing without W&B")
                 self.active = False
 
     def _wandb_dir(self) -> str:
@@ -129,7 +130,7 @@ class Tracker:
             self.accelerator.log(values, step=step)
             self.last_step = step
         except Exception as e:
-            _warn(f"logging failed ({_first_line(e)}); W&B is off for the rest of this run")
+            _warn(f"logging failed ({first_line(e)}); W&B is off for the rest of this run")
             self.active = False
 
     def log_final(self, summary: dict, class_names: list) -> None:
@@ -156,7 +157,7 @@ class Tracker:
             run.log({"test/per_class": table, "test/confusion_matrix": chart, **images},
                     step=max(self.first_step, self.last_step))
         except Exception as e:
-            _warn(f"final logging failed ({_first_line(e)}); the run folder has every result")
+            _warn(f"final logging failed ({first_line(e)}); the run folder has every result")
 
     def log_model(self, files: list, epoch: int, metadata: dict) -> None:
         """A version of the run's model artifact (`model-<run id>`, type model) holding the weights of `epoch`,
@@ -174,7 +175,7 @@ class Tracker:
             self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(
                 artifact, aliases=["best", "latest", f"epoch-{epoch}"])
         except Exception as e:
-            _warn(f"logging the model artifact failed ({_first_line(e)}); the run goes on, the run folder has "
+            _warn(f"logging the model artifact failed ({first_line(e)}); the run goes on, the run folder has "
                   "the model")
 
     def add_tag(self, tag: str) -> None:
@@ -185,7 +186,7 @@ class Tracker:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             run.tags = tuple(run.tags or ()) + (tag,)
         except Exception as e:
-            _warn(f"tagging the run failed ({_first_line(e)})")
+            _warn(f"tagging the run failed ({first_line(e)})")
 
     def finish(self) -> None:
         """Close the W&B run. Only that: the caller ends the process group (the other half of Accelerate's
@@ -195,7 +196,7 @@ class Tracker:
                 for tracker in self.accelerator.trackers:
                     tracker.finish()
             except Exception as e:
-                _warn(f"closing the run failed ({_first_line(e)})")
+                _warn(f"closing the run failed ({first_line(e)})")
 
 
 def _pairs(matrix: list) -> tuple:
@@ -207,7 +208,3 @@ def _pairs(matrix: list) -> tuple:
             preds += [j] * int(count)
     return y_true, preds
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
