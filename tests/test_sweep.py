@@ -59,6 +59,10 @@ BAD = {
                              "a grid needs values, int_uniform or q_uniform"),
     "unknown method": ({"method": "hyperopt", "parameters": {"lr": {"value": 0.1}}}, "method must be one of"),
     "no run_cap": ({"method": "random", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "needs a run_cap"),
+    "an internal field": ({"method": "random", "run_cap": 2, "parameters": {"given": {"value": 1}}},
+                          "parameter 'given' is not a train/main.py option"),
+    "set by the sweep": ({"method": "random", "run_cap": 2, "parameters": {"trial_number": {"value": 1}}},
+                         "parameter 'trial_number' is set by the sweep itself"),
     "unknown distribution": ({"method": "random", "run_cap": 2, "parameters": {"lr": {"distribution": "gamma",
                                                                                      "min": 1, "max": 2}}},
                              "unknown distribution 'gamma'"),
@@ -86,6 +90,19 @@ def test_a_bad_sweep_is_one_line_and_exit_2(tmp_path, dataset_dir, case):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0], lines[0]
     assert not folder.exists()  # nothing started
+
+
+def test_an_unknown_parameter_error_lists_only_training_options(tmp_path, dataset_dir):
+    """The options it offers are train/main.py's own, less those the sweep sets for each trial."""
+    from train.config import build_parser
+
+    file = write_sweep(tmp_path / "sweep.yaml", method="random", run_cap=2, parameters={"zzz": {"value": 1}})
+    proc = run_sweep(file, tmp_path / "sweep", dataset=dataset_dir)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    known = set(proc.stderr.split("(known: ")[1].strip().rstrip(")").split(", "))
+    options = {a.dest for a in build_parser()._actions} - {"help", "config"}
+    assert "lr" in known and known <= options, known - options
+    assert not known & {"given", "sweep_dir", "trial_number", "output_dir", "resume", "run_name"}, known
 
 
 def test_every_shipped_sweep_file_checks(tmp_path):

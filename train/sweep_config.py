@@ -43,7 +43,14 @@ DISTRIBUTIONS = {
     "log_normal": {"mu", "sigma"},
 }
 # Options a sweep may not vary: they say where a run goes and how it is tracked, which the sweep decides.
-NOT_SWEPT = {"output_dir", "resume", "eval_only", "checkpoint", "run_name", "wandb_group", "config"}
+NOT_SWEPT = {"output_dir", "resume", "eval_only", "checkpoint", "run_name", "wandb_group", "config", "sweep_dir",
+             "trial_number"}
+
+
+def sweepable() -> list:
+    """The train/main.py options a sweep may vary: Config's fields (dataclasses.fields leaves out the ClassVar
+    `given`, which __dataclass_fields__ holds), less NOT_SWEPT."""
+    return [f.name for f in dataclasses.fields(Config) if f.name not in NOT_SWEPT]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +159,12 @@ def parse_sweep(raw: dict, path: str = "<sweep>") -> Sweep:
 
 def _parameter(key: str, spec, fail) -> Parameter:
     name = key.replace("-", "_")
-    fields = Config.__dataclass_fields__
-    if name not in fields or name in NOT_SWEPT:
+    options = sweepable()
+    if name not in options:
         reason = "is set by the sweep itself" if name in NOT_SWEPT else f"is not a train/main.py option " \
-                                                                        f"({_hint(name, fields)})"
+                                                                        f"({_hint(name, options)})"
         fail(f"parameter '{key}' {reason}")
-    kind = fields[name].type
+    kind = Config.__dataclass_fields__[name].type
     if not isinstance(spec, dict):
         fail(f"parameter '{key}' must be a mapping: {{value: V}}, {{values: [...]}} or {{distribution: ..., "
              f"min: ..., max: ...}}")
