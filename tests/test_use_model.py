@@ -6,6 +6,7 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,11 +14,11 @@ from PIL import Image
 from conftest import call, read_summary
 from synthetic import CLASS_NAMES, make_images
 from train.checkpoint import save_model
+from train.export import compare_logits
 from train.models import ModelSpec
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, tmp_path):
     proc = call("train.predict", trained_run, "--dataset", dataset_dir, "--split", "test", "--top-k", "2",
                   "--metrics", tmp_path / "metrics.json")
@@ -31,6 +32,7 @@ def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, 
     assert f"accuracy {summary['test_acc']:.4f}, macro-F1 {summary['test_f1_macro']:.4f}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run, tmp_path):
     images, labels = make_images(6, seed=11)
     (tmp_path / "in" / "sub").mkdir(parents=True)
@@ -47,6 +49,7 @@ def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run
     assert right >= 5  # the trained run tells the colours apart
 
 
+@pytest.mark.slow
 def test_predict_bad_inputs_are_one_line(trained_run, tmp_path):
     for args in ([tmp_path / "missing-run", tmp_path], [trained_run, tmp_path / "nothing.png"], [trained_run]):
         proc = call("train.predict", *args)
@@ -56,6 +59,7 @@ def test_predict_bad_inputs_are_one_line(trained_run, tmp_path):
 
 # Each arch once, the stem on and off among them: on MobileNets the CIFAR stem only changes strides; ResNet's, the
 # one that changes layers (a 3x3 first convolution, no max-pool), is exported with it.
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, stem", [("mobilenet_v2", False), ("mobilenet_v3_small", True), ("resnet18", True)])
 def test_export_agrees_with_pytorch(arch, stem, dataset_dir, tmp_path):
     import onnx
@@ -76,9 +80,42 @@ def test_export_agrees_with_pytorch(arch, stem, dataset_dir, tmp_path):
     assert session.run(None, {"images": torch.zeros(3, 3, 32, 32).numpy()})[0].shape == (3, 4)  # any batch size
 
 
+@pytest.mark.slow
 def test_export_without_the_extra_names_it(trained_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import finds where it is not installed
     proc = call("train.export", trained_run, "--onnx", tmp_path / "m.onnx")
     assert proc.returncode == 2 and proc.stderr.strip() == \
         'error: the export extra is not installed: pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_near_tie_that_flips_within_the_tolerance_is_no_disagreement():
+    """The lab's case: largest difference 2e-6, and one image whose top-2 logits were 1.3e-6 apart flipped."""
+    expected = np.array([[2.0, 2.0 + 1.3e-6, -1.0], [0.5, 3.0, 1.0], [4.0, 1.0, 0.0]], dtype=np.float64)
+    got = expected + np.array([[2e-6, 0, 0], [0, 1e-6, 0], [0, 0, -1e-6]])  # image 0's top-1 flips to class 0
+    check = compare_logits(expected, got, tolerance=1e-3)
+    assert (check.same, check.decisive, check.n) == (2, 0, 3) and check.max_diff == pytest.approx(2e-6)
+    assert check.passed(1e-3)
+    flipped = got.copy()
+    flipped[2] = [3.9, 4.0, 0.0]  # PyTorch's margin there is 3: a flip is a real error
+    check = compare_logits(expected, flipped, tolerance=1e-3)
+    assert (check.same, check.decisive) == (1, 1) and not check.passed(1e-3)
+    assert not compare_logits(expected, got, tolerance=1e-7).passed(1e-7)  # 2e-6 is beyond this tolerance
+
+
+@pytest.mark.slow
+def test_a_rejected_export_is_not_left_where_a_checked_one_goes(trained_run, dataset_dir, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_text("an earlier export")
+    # Tolerance 0: the trained ResNet's logits (magnitude ~5) differ in their last float32 bits (~1e-6).
+    proc = call("train.export", trained_run, "--onnx", out, "--dataset", dataset_dir, "--check", 8,
+                "--tolerance", 0)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: the export does not match"), \
+        proc.stderr[-2000:]
+    assert f"{out} was not written; the rejected graph is {out}.rejected, not to be shipped" in lines[0]
+    assert out.read_text() == "an earlier export"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.rejected"]  # no temporary
+    import onnxruntime
+
+    onnxruntime.InferenceSession(str(out) + ".rejected", providers=["CPUExecutionProvider"])  # complete, to look into

@@ -8,7 +8,9 @@ The graph takes normalised RGB float images (N, 3, S, S), any N (dynamic batch a
 its metadata holds what a runtime needs to prepare them: class_names, mean, std, image_size (and arch,
 cifar_stem, decode_size). Opset 18: what torch's exporter targets, run by onnxruntime 1.14 and newer.
 The check runs up to --check images through both and fails (exit 1, one line) unless the largest
-absolute logit difference is within --tolerance and the top-1 class is the same for every image.
+absolute logit difference is within --tolerance and the top-1 class is the same for every image whose top-2
+logits PyTorch sets more than --tolerance apart (a near-tie may flip). The graph is written under a
+temporary name and becomes FILE only when it passes; a rejected one is left as FILE.rejected.
 Needs the optional extra: pip install -e ".[export]".
 """
 
@@ -17,8 +19,10 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from train.errors import UsageError, report_usage_error
 from train.files import atomic_write
 
 OPSET = 18
+REJECTED = ".rejected"  # suffix of an export that failed its check: kept to look into, never named *.onnx
 EXTRA = 'the export extra is not installed: pip install -e ".[export]" (onnx, onnxruntime, onnxscript)'
 
 
@@ -81,16 +86,37 @@ def _run_dataset(model_path: str) -> str:
     return yaml.safe_load(config.read_text())["dataset"]
 
 
+class Check(NamedTuple):
+    """How an exported graph's logits compare with PyTorch's on the same images."""
+
+    max_diff: float  # largest absolute logit difference
+    same: int  # images with the same top-1 class
+    decisive: int  # images whose top-1 differs although PyTorch's top-1 leads its top-2 by more than the tolerance
+    n: int
+
+    def passed(self, tolerance: float) -> bool:
+        return self.max_diff <= tolerance and not self.decisive
+
+
+def compare_logits(expected: np.ndarray, got: np.ndarray, tolerance: float) -> Check:
+    """Compare PyTorch's logits (`expected`) with the export's. A top-1 that differs where PyTorch's own margin
+    (top-1 minus top-2 logit) is within the tolerance is a near-tie that differences within the tolerance may
+    flip (seen: a gap of 1.3e-6 under a largest difference of 2e-6): not an error; any other one is."""
+    top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
+    differs = got.argmax(1) != expected.argmax(1)
+    decisive = differs & (top2[:, 1] - top2[:, 0] > tolerance)
+    diff = float(np.abs(got - expected).max()) if expected.size else 0.0
+    return Check(diff, int((~differs).sum()), int(decisive.sum()), len(expected))
+
+
 @torch.no_grad()
-def compare(model, spec, path: Path, images: torch.Tensor) -> tuple:
-    """(largest absolute logit difference, images with the same top-1, images) between PyTorch and onnxruntime."""
+def compare(model, spec, path: Path, images: torch.Tensor, tolerance: float) -> Check:
+    """PyTorch against onnxruntime on `images` (uint8), normalised as the run evaluated."""
     import onnxruntime
 
     x = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)(images)
-    expected = model(x).numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": x.numpy()})[0]
-    return float(np.abs(got - expected).max()), int((got.argmax(1) == expected.argmax(1)).sum()), len(x)
+    return compare_logits(model(x).numpy(), session.run(None, {"images": x.numpy()})[0], tolerance)
 
 
 def run(args) -> int:
@@ -101,15 +127,31 @@ def run(args) -> int:
     model = build_trained(state_dict, spec, args.model)
     images = check_images(args, spec)
     out = Path(args.onnx)
-    export(model, spec, out)
-    diff, same, n = compare(model, spec, out, images)
-    print(f"wrote {out} (opset {OPSET}); checked on {n} images: max |logit difference| {diff:.2e} "
-          f"(tolerance {args.tolerance:.0e}), top-1 identical on {same}/{n}", flush=True)
-    if diff > args.tolerance or same != n:
-        print(f"error: {out} does not match PyTorch (max |logit difference| {diff:.2e}, top-1 identical on "
-              f"{same}/{n}); do not ship it", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    unchecked = out.with_name(f".{out.name}.unchecked-{os.getpid()}")  # never where a checked export goes
+    try:
+        export(model, spec, unchecked)
+        check = compare(model, spec, unchecked, images, args.tolerance)
+        return _keep_or_reject(unchecked, out, check, args.tolerance)
+    finally:
+        unchecked.unlink(missing_ok=True)
+
+
+def _keep_or_reject(unchecked: Path, out: Path, check: Check, tolerance: float) -> int:
+    """Rename the checked export to `out` when it passed, else to OUT.rejected (kept to look into); say which."""
+    ties = check.n - check.same - check.decisive
+    numbers = (f"max |logit difference| {check.max_diff:.2e} (tolerance {tolerance:.0e}), top-1 identical on "
+               f"{check.same}/{check.n}" + (f" ({ties} near-ties within the tolerance differ)" if ties else ""))
+    rejected = out.with_name(out.name + REJECTED)
+    if check.passed(tolerance):
+        os.replace(unchecked, out)
+        rejected.unlink(missing_ok=True)  # an earlier attempt's
+        print(f"wrote {out} (opset {OPSET}); checked on {check.n} images: {numbers}", flush=True)
+        return 0
+    os.replace(unchecked, rejected)
+    print(f"error: the export does not match PyTorch ({numbers}; {check.decisive} top-1 differ beyond the "
+          f"tolerance): {out} was not written; the rejected graph is {rejected}, not to be shipped",
+          file=sys.stderr, flush=True)
+    return 1
 
 
 def run_hub(args) -> int:
