@@ -77,7 +77,7 @@ def _as_a_child(env: dict):
             yield
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-        preemption._received, preemption._listening = None, False
+        preemption._received, preemption._listening, preemption._work_to_save = None, False, False
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)

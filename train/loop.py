@@ -14,7 +14,6 @@ wait on the host every step: fp16's GradScaler reads `found_inf` with the non-fu
 
 import contextlib
 import enum
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,6 +26,7 @@ from accelerate.scheduler import AcceleratedScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from train import progress
 from train.augment import BatchTransform
 from train.metrics import classification_metrics
 
@@ -169,10 +169,6 @@ class Epoch(NamedTuple):
     stop: Stop
 
 
-def interactive() -> bool:
-    return sys.stderr.isatty()
-
-
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     # Reseeding every batch from its coordinates makes augmentation and dropout
     # independent of history, so a resumed run draws exactly what it would have.
@@ -268,11 +264,11 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
     running = _Running(accelerator, _resumed_totals(state.partial, accelerator), state.step)
     remainder = _last_round(parts.train_loader)
     batches = _batches(parts, state)
-    # A live bar on terminals only: in a Slurm log or CI its carriage-return frames are noise (the run
-    # prints a plain line every --log-every steps instead: RunHooks.on_log in runner.py).
+    # A live bar at a terminal only; elsewhere the run prints plain lines (train/progress.py).
+    screen = progress.terminal()
     bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{loop.epochs}",
-               disable=not (accelerator.is_main_process and interactive()))
+               desc=f"epoch {state.epoch + 1}/{loop.epochs}", file=screen,
+               disable=not (accelerator.is_main_process and screen))
     start, stop = time.perf_counter() - state.partial_seconds, None  # None: still running
 
     def sync(requested: bool = False) -> bool:

@@ -1,4 +1,4 @@
-"""Stop cleanly on SIGTERM/SIGUSR1 (what Slurm sends before a time limit or preemption).
+"""Stop cleanly on SIGTERM/SIGUSR1 (what Slurm sends before a time limit or preemption) and on Ctrl-C.
 
 `listen()` runs first thing in every training process, so a signal during data loading is kept,
 not fatal. The handler only records the signal; `requested()` reads it. The training loop agrees
@@ -7,6 +7,12 @@ caller then writes a checkpoint and exits with EXIT_PREEMPTED.
 
 Under Slurm, slurm/common.sh sets CIFAR_ACCELERATE_PID_DIR: each training process writes its pid
 there, so the batch script signals exactly the training processes, whatever the launch command.
+
+Ctrl-C (SIGINT) is a stop signal too, once there is work to save (training has begun): `accelerate launch` passes it on as SIGTERM
+(one process) or SIGINT (torchrun, several), and a terminal sends it to `python train/main.py`. Before
+training there is nothing to save, and a second Ctrl-C means "now": both stop the process at once, with
+one line and status 130. The single-process launcher kills its child 5 s after Ctrl-C; one process stops
+at the very next step, so its checkpoint is written within them.
 
 A sweep worker sets CIFAR_ACCELERATE_STOP_WITH to itself: a training process whose worker is gone (SIGKILL,
 the OOM killer) stops as if it got SIGTERM, at a checkpoint, instead of training on alone (train/sweep.py).
@@ -24,20 +30,38 @@ from pathlib import Path
 # EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
 # non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
 EXIT_PREEMPTED = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PID_DIR_ENV = "CIFAR_ACCELERATE_PID_DIR"
 STOP_WITH_ENV = "CIFAR_ACCELERATE_STOP_WITH"  # "pid:start time" of the process whose end stops this one
 
 _received = None  # name of the first signal received, if any
 _listening = False
+_work_to_save = False  # before there is (training has not begun), Ctrl-C stops at once
 _what = "stopping after this step to write a checkpoint"  # what the process says it does about a signal
 
 
 def _handle(signum, frame):
     global _received
-    if _received is None:  # a second signal changes nothing: the checkpoint is already coming
-        _received = signal.Signals(signum).name
-        print(f"received {_received}: {_what}", file=sys.stderr, flush=True)
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and (not _work_to_save or _received == name):
+        _stop_now("nothing to save yet" if not _work_to_save else
+                  "the newest complete checkpoint is intact: --resume auto continues from it")
+    if _received is None:  # another signal changes nothing: the checkpoint is already coming
+        _received = name
+        again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+        print(f"received {name}: {_what}{again}", file=sys.stderr, flush=True)
+
+
+def _stop_now(why: str) -> None:
+    print(f"interrupted: stopping now ({why})", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)  # no traceback, no cleanup that could hang: what a second Ctrl-C asks for
+
+
+def work_to_save() -> None:
+    """From now on a first Ctrl-C saves the work (a checkpoint at the next step) instead of stopping at once."""
+    global _work_to_save
+    _work_to_save = True
 
 
 def listen(what: str = _what, signals=SIGNALS) -> None:

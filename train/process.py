@@ -56,6 +56,16 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return path
 
 
+def announce(cfg: Config, accelerator: Accelerator, out: Path) -> None:
+    """The first line of a run: where its files go, and what runs where."""
+    if accelerator.is_main_process:
+        processes = accelerator.num_processes
+        precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+        print(f"run folder {out}: {'evaluating' if cfg.eval_only else 'training'} {cfg.arch} on "
+              f"{accelerator.device.type}, {processes} process{'es' if processes > 1 else ''}, {precision}",
+              flush=True)
+
+
 def run(cfg: Config) -> int:
     started = time.time()
     track = tracking.wanted(cfg)
@@ -63,6 +73,7 @@ def run(cfg: Config) -> int:
     if cfg.compile:
         runner.check_cuda_graphs(cfg.compile_mode, accelerator)  # before minutes of data loading
     out = resolve_output_dir(cfg, accelerator)
+    announce(cfg, accelerator, out)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
     if cfg.eval_only:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from train import preemption, report, run_dir, study, tracking
+from train import preemption, progress, report, run_dir, study, tracking
 from train.augment import BatchTransform
 from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model
 from train.config import CUDA_GRAPH_MODES, Config
@@ -20,7 +20,7 @@ from train.data import load_image_data, make_loader
 from train.ema import EMA
 from train.errors import PeerTimeout, UsageError
 from train.failpoints import delay, failpoint
-from train.loop import Hooks, LoopConfig, Parts, Stop, TrainState, evaluate, fit, interactive
+from train.loop import Hooks, LoopConfig, Parts, Stop, TrainState, evaluate, fit
 from train.metrics import classification_metrics
 from train.models import ModelSpec, plain_model
 from train.optim import build_optimizer, build_scheduler, set_peak_lr
@@ -117,6 +117,8 @@ class RunHooks(Hooks):
         self.reporter = study.TrialReporter(self.cfg.sweep_dir, self.cfg.trial_number) \
             if self.cfg.sweep_dir and run.is_main else None
         self.pruned = False
+        images_per_step = self.cfg.batch_size * self.cfg.grad_accum_steps * parts.accelerator.num_processes
+        self.plain = progress.PlainLines(images_per_step) if run.is_main and not progress.terminal() else None
         preemption.listen()  # main() already did, unless the run is driven from elsewhere (tests)
 
     def clock(self) -> float:
@@ -133,13 +135,18 @@ class RunHooks(Hooks):
         if self.ema:
             self.ema.update(self.model)
         failpoint("kill_after_step", state.step)
+        speed = self.plain.step() if self.plain else None
+        if speed:
+            self.run.say(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step} (batch {state.batch_in_epoch}/"
+                         f"{len(self.parts.train_loader)} of the epoch): {speed}")
 
     def on_checkpoint(self, state):
         self.save(state)
 
     def on_log(self, state, values):
         self.run.tracker.log(values, step=state.step)
-        if not interactive():
+        if self.plain:
+            self.plain.logged()
             self.run.say(f"epoch {state.epoch + 1}/{self.cfg.epochs} step {state.step}: loss "
                          f"{values['train/loss']:.4f}, lr {values['train/lr']:.4g}, "
                          f"{values['train/images_per_second']:.0f} img/s")
@@ -190,6 +197,7 @@ def train(run: Run, data, spec: ModelSpec) -> tuple:
         run.tracker.log(tracking.epoch_values(record), step=record["step"])
     hooks = RunHooks(run, parts, checkpointer, weights, spec, earlier_seconds=state.wall_seconds)
     first_step = state.step
+    preemption.work_to_save()  # from here a first Ctrl-C writes a checkpoint instead of stopping at once
     stop = fit(parts, LoopConfig.from_config(cfg), state, hooks)
     state.wall_seconds = hooks.clock()
     run.say(f"{hooks.steps_taken} optimizer steps in this attempt (from step {first_step} to {state.step})")
@@ -198,7 +206,8 @@ def train(run: Run, data, spec: ModelSpec) -> tuple:
         if run.is_main:
             (out / run_dir.MARKER).write_text(f"{preemption.signalled()} at step {state.step}; "
                                               f"{preemption.attempt()}\n")
-        run.say(f"preempted: checkpoint written; continue with --resume auto --output-dir {out}")
+        why = "interrupted" if preemption.signalled() == "SIGINT" else "preempted"
+        run.say(f"{why}: checkpoint written at step {state.step}; continue with --resume auto --output-dir {out}")
         # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
         # (status 75) ends the other nodes' tasks at once.
         accelerator.wait_for_everyone()

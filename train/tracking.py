@@ -89,16 +89,17 @@ class Tracker:
         if not self.active:
             return
         mode = self.cfg.wandb_mode or os.environ.get("WANDB_MODE") or None
-        if mode in (None, "online") and not _has_credentials():
-            _warn("no API key found (wandb login, or WANDB_API_KEY): logging offline; "
-                  f"upload later with `wandb sync {self._wandb_dir()}/wandb/offline-run-*`")
+        silent = mode in (None, "online") and not _has_credentials()  # not asked for, and nowhere to send it
+        if silent:
+            _warn("no API key (wandb login, or WANDB_API_KEY): logging offline, quietly; upload later with "
+                  f"`wandb sync {self._wandb_dir()}/wandb/offline-run-*`, or --no-wandb to turn W&B off")
             mode = "offline"
         try:
-            self._init(config, mode)
+            self._init(config, mode, silent)
         except Exception as e:  # network, auth, bad settings: W&B is optional
             _warn(f"could not start the run ({first_line(e)}); trying offline mode")
             try:
-                self._init(config, "offline")
+                self._init(config, "offline", silent)
             except Exception as e2:
                 _warn(f"offline mode failed too ({first_line(e2)}); continuing without W&B")
                 self.active = False
@@ -106,7 +107,7 @@ class Tracker:
     def _wandb_dir(self) -> str:
         return os.environ.get("WANDB_DIR") or str(self.out)
 
-    def _init(self, config: dict, mode) -> None:
+    def _init(self, config: dict, mode, silent: bool) -> None:
         import wandb
 
         saved = json.loads((self.out / STATE_FILE).read_text()) if (self.out / STATE_FILE).is_file() else {}
@@ -115,7 +116,9 @@ class Tracker:
         init = {"name": self.cfg.run_name or default_run_name(self.cfg), "entity": self.cfg.wandb_entity or None,
                 "group": default_group(self.cfg) or None, "id": self.run_id, "resume": "allow", "mode": mode,
                 "tags": [t for t in self.cfg.tags.split(",") if t] or None, "dir": self._wandb_dir(),
-                "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)))}
+                "settings": wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)),
+                                           silent=silent)}
+        Path(init["dir"]).mkdir(parents=True, exist_ok=True)  # a WANDB_DIR yet to be made: W&B would only warn
         project = self.cfg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
         self.accelerator.trackers = []  # a failed first attempt may have left a half-made tracker
         self.accelerator.init_trackers(project, config=public_config(config), init_kwargs={"wandb": init})
