@@ -80,7 +80,8 @@ class Config:
     output_dir: str = _opt("", "run folder (default: runs/<arch>-<timestamp>)")
     max_steps: int = _opt(0, "stop after this many optimizer steps in all (0: no limit); for smoke runs")
     limit_batches: int = _opt(0, "use at most this many batches per epoch of every split (0: all); for smoke runs")
-    log_every: int = _opt(50, "optimizer steps between progress-bar updates")
+    log_every: int = _opt(50, "optimizer steps between logged training losses (W&B; a plain line where no "
+                              "terminal shows the live bar, which moves every batch)")
     resume: str = _opt("", "'auto': continue from the newest complete checkpoint in --output-dir (fresh if none); "
                              "or a checkpoint folder")
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N optimizer steps (0: at epoch ends only)")

@@ -135,9 +135,11 @@ def load_image_data(cfg) -> ImageData:
 
 def load_dataset_dict(name: str):
     import datasets  # slow import; keep it off the --help path
+    import huggingface_hub
 
     datasets.disable_progress_bars()  # our own bar reports progress; theirs would bury error lines
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retries' warnings: a failure is our one line
     check_dataset(name)
     path = Path(os.path.expanduser(name))
     try:
