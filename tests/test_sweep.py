@@ -58,10 +58,9 @@ BAD = {
     "grid of a continuous": ({"method": "grid", "parameters": {"lr": {"min": 0.01, "max": 0.1}}},
                              "a grid needs values, int_uniform or q_uniform"),
     "unknown method": ({"method": "hyperopt", "parameters": {"lr": {"value": 0.1}}}, "method must be one of"),
-    "no run_cap": ({"method": "random", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "needs a run_cap"),
-    "an internal field": ({"method": "random", "run_cap": 2, "parameters": {"given": {"value": 1}}},
+    "an internal field": ({"method": "random", "parameters": {"given": {"value": 1}}},
                           "parameter 'given' is not a train/main.py option"),
-    "set by the sweep": ({"method": "random", "run_cap": 2, "parameters": {"trial_number": {"value": 1}}},
+    "set by the sweep": ({"method": "random", "parameters": {"trial_number": {"value": 1}}},
                          "parameter 'trial_number' is set by the sweep itself"),
     "unknown distribution": ({"method": "random", "run_cap": 2, "parameters": {"lr": {"distribution": "gamma",
                                                                                      "min": 1, "max": 2}}},
@@ -76,8 +75,11 @@ BAD = {
                         "--lr is both a fixed option and a parameter"),
     "unknown fixed option": ({"method": "grid", "parameters": {"lr": {"values": [0.1, 0.2]}}},
                              "unrecognized arguments: --epoch-count"),
+    "run cap of 0": ({"method": "bayes", "parameters": {"lr": {"min": 0.01, "max": 0.1}}},
+                     "--run-cap must be at least 1"),
 }
-FIXED = {"swept and fixed": ["--lr", "0.5"], "unknown fixed option": ["--epoch-count", "3"]}
+FIXED = {"swept and fixed": ["--lr", "0.5"], "unknown fixed option": ["--epoch-count", "3"],
+         "run cap of 0": ["--run-cap", "0"]}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -96,7 +98,7 @@ def test_an_unknown_parameter_error_lists_only_training_options(tmp_path, datase
     """The options it offers are train/main.py's own, less those the sweep sets for each trial."""
     from train.config import build_parser
 
-    file = write_sweep(tmp_path / "sweep.yaml", method="random", run_cap=2, parameters={"zzz": {"value": 1}})
+    file = write_sweep(tmp_path / "sweep.yaml", method="random", parameters={"zzz": {"value": 1}})
     proc = run_sweep(file, tmp_path / "sweep", dataset=dataset_dir)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     known = set(proc.stderr.split("(known: ")[1].strip().rstrip(")").split(", "))
@@ -121,6 +123,16 @@ def test_every_shipped_sweep_file_checks(tmp_path):
                         (with_wandb, [])):
         proc = ok(call("train.sweep", file, *fixed, "--check"))
         assert "over" in proc.stdout
+
+
+def test_a_bayes_sweep_without_run_cap_runs_until_stopped_or_each_workers_run_cap(tmp_path):
+    """As W&B's: no run_cap is no limit on the study; --run-cap N (wandb agent's --count) limits a worker."""
+    file = write_sweep(tmp_path / "bayes.yaml", method="bayes", parameters={"lr": {"min": 0.01, "max": 0.1}})
+    proc = ok(call("train.sweep", file, "--check"))
+    assert proc.stdout.strip() == f"{file}: bayes over lr, no run_cap: runs until stopped (Ctrl-C, SIGTERM, " \
+                                  f"scancel) or each worker's --run-cap N; metric val/f1_macro (maximize)"
+    usage = " ".join(ok(call("train.sweep", "--help")).stdout.split())
+    assert "--run-cap N, --count N this worker stops after running N trials, like `wandb agent --count N`" in usage
 
 
 # ---- searches ---------------------------------------------------------------------------------
@@ -174,19 +186,31 @@ def dashboard_trials(journal: Path) -> list:
 
 
 # run_cap: as few as prove it. bayes: TPE draws its first 10 trials at random (n_startup_trials), so more trials
-# here would prove nothing more than 2 do: that a bayes sweep's workers run it through.
-@pytest.mark.parametrize("method, run_cap", [("random", 4), ("bayes", 2)])
-def test_a_search_runs_run_cap_trials_and_the_seed_decides_them(tmp_path, dataset_dir, method, run_cap):
-    file = write_sweep(tmp_path / f"{method}.yaml", method=method, run_cap=run_cap,
+# here would prove nothing more than 2 do: that a bayes sweep's workers run it through. bayes has no run_cap, as
+# W&B allows: each of the 2 workers stops at its --run-cap 1 (wandb agent --count 1).
+@pytest.mark.parametrize("method, run_cap, worker_cap", [("random", 4, 0), ("bayes", 0, 1)])
+def test_a_search_runs_run_cap_trials_and_the_seed_decides_them(tmp_path, dataset_dir, method, run_cap, worker_cap):
+    file = write_sweep(tmp_path / f"{method}.yaml", method=method, **({"run_cap": run_cap} if run_cap else {}),
                        metric={"name": "val/acc", "goal": "maximize"},
                        parameters={"lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
                                    "weight_decay": {"distribution": "uniform", "min": 0.0, "max": 0.001},
+                                   "momentum": {"value": 0.8},  # fixed: not in the trials' folder names
                                    "label_smoothing": {"distribution": "q_uniform", "min": 0.0, "max": 0.2,
                                                        "q": 0.05}})
     first, again = tmp_path / "first", tmp_path / "again"
-    ok(run_sweep(file, first, "--workers", "2", *QUICK, dataset=dataset_dir))
+    capped = ["--run-cap", str(worker_cap)] if worker_cap else []
+    proc = ok(run_sweep(file, first, "--workers", "2", *capped, *QUICK, dataset=dataset_dir))
     done = counted(first)
-    assert len(done) == run_cap and all(t.state.name == "COMPLETE" for t in done)
+    assert len(done) == (run_cap or 2 * worker_cap) and all(t.state.name == "COMPLETE" for t in done)
+    if worker_cap:  # each worker ran its one trial and said why it stopped
+        assert sorted(t.user_attrs["owner"]["slot"] for t in done) == ["0", "1"]
+        assert proc.stdout.count("stopping at its --run-cap 1 (") == 2, proc.stdout[-3000:]
+    assert "runs until it is stopped" not in proc.stdout
+    assert "starting fresh" not in proc.stdout and "no complete checkpoint" not in proc.stdout  # fresh trials
+    for t in done:  # named by the searched parameters only
+        o = t.user_attrs["options"]
+        assert Path(t.user_attrs["run_folder"]).name == f"trial-{t.number:04d}-lr{o['lr']:.4g}-weight_decay" \
+            f"{o['weight_decay']:.4g}-label_smoothing{o['label_smoothing']:.4g}" and o["momentum"] == 0.8
     assert all(t.value == max(json.loads(line)["val_acc"] for line in
                               (Path(t.user_attrs["run_folder"]) / "metrics.jsonl")
                               .read_text().splitlines()) for t in done)
@@ -372,7 +396,7 @@ def test_a_stopped_worker_stops_its_trial_at_a_checkpoint_and_the_next_resumes_i
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 75, err[-3000:]
     (trial,) = trials(folder)
-    run = folder / "trial-0000-lr0.02"
+    run = folder / "trial-0000"  # one value of lr: nothing searched, nothing in the name
     assert trial.state.name == "RUNNING" and (run / "PREEMPTED").is_file(), err[-3000:]
     assert "stopped with a checkpoint; the requeued worker, or the next one, resumes it" in out
     assert "steps in this attempt (from step 0 " in out

@@ -240,7 +240,7 @@ class Checkpointer:
         if failed:  # starting over would silently throw away the run's progress and rewrite its metrics
             raise CheckpointError(f"--resume auto: none of the {len(failed)} checkpoints in {self.root} loads "
                                   f"({'; '.join(failed)}); remove them to start over, or fix the one you want")
-        if main:
+        if main and self.root.is_dir():  # a first start, with no checkpoint folder yet, is not news
             print(f"no complete checkpoint in {self.root}: starting fresh", flush=True)
         return None, {}
 

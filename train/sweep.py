@@ -3,11 +3,13 @@
     python -m train.sweep configs/sweep-seed-lr-batch.yaml --epochs 30              # one worker
     python -m train.sweep FILE --workers 4 --epochs 30                            # 4 workers (one per GPU)
     python -m train.sweep FILE --check                                            # check the file, train nothing
+    python -m train.sweep FILE --run-cap 5 --epochs 30                            # this worker: 5 trials, then stop
 
 Options after FILE that are not the sweep's own go to every trial's train/main.py. A worker asks the study for
 a trial, trains it as a run of its own (`train/main.py` in a fresh process, through `accelerate launch` when a
-trial has several processes), tells the study how it ended, and asks again until run_cap trials are done or
-the grid is exhausted. The trial's rank 0 reports the metric each epoch and stops where the pruner says
+trial has several processes), tells the study how it ended, and asks again until run_cap trials are done,
+the grid is exhausted or this worker has run its --run-cap trials (W&B's `wandb agent --count`); a random or
+bayes sweep without either runs until it is stopped, as W&B's does. The trial's rank 0 reports the metric each epoch and stops where the pruner says
 (train/study.py); this process only asks and tells.
 
 Ends of a trial: finished or pruned -> told COMPLETE / PRUNED; diverged (exit 3) -> FAIL, the worker goes on;
@@ -67,9 +69,14 @@ def parse_args(argv=None) -> tuple:
                         f"{study.STORAGE_ENV} in the environment, out of `ps` for a URL with a password")
     parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the sampler (same seed, same trials)")
     parser.add_argument("--max-failures", type=int, default=3, help="failed trials in a row that stop a worker")
+    parser.add_argument("--run-cap", "--count", type=int, default=None, metavar="N",
+                        help="this worker stops after running N trials, like `wandb agent --count N` (each worker "
+                        "of --workers, each Slurm array task: its requeued attempts count together); the sweep "
+                        "file's run_cap caps the whole study. Without either, a random or bayes sweep runs until "
+                        "it is stopped (Ctrl-C, SIGTERM, scancel), as W&B's does")
     parser.add_argument("--check", action="store_true", help="check the sweep file and options, train nothing")
     args, train_args = parser.parse_known_args(argv)
-    for name in ("workers", "workers_per_gpu", "processes_per_trial", "max_failures"):
+    for name in ("workers", "workers_per_gpu", "processes_per_trial", "max_failures", "run_cap"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     return args, train_args
@@ -147,6 +154,21 @@ def mine(who: dict) -> bool:
     its ids) and slot, in a new process."""
     me = owner()
     return bool(me["slurm"]) and who.get("slurm") == me["slurm"] and who.get("slot") == me["slot"]
+
+
+def is_me(who: dict) -> bool:
+    """Whether a trial's owner is this worker: under Slurm, its array task and slot (a requeued attempt too);
+    else this process on this host."""
+    me = owner()
+    if me["slurm"]:
+        return mine(who)
+    return (who.get("host"), who.get("pid")) == (me["host"], me["pid"])
+
+
+def ran_here(trials) -> int:
+    """The trials this worker ran to an end (complete, pruned or failed): what --run-cap counts."""
+    done = ("COMPLETE", "PRUNED", "FAIL")
+    return sum(t.state.name in done and counted(t) and is_me(t.user_attrs.get("owner") or {}) for t in trials)
 
 
 def counted(trial) -> bool:
@@ -234,22 +256,24 @@ def next_trial(s, sweep, seed: int):
     return trial, study.suggest(s, trial, sweep, seed)
 
 
-def run_folder(folder: Path, number: int, options: dict) -> Path:
-    short = "-".join(f"{k}{_short(v)}" for k, v in options.items())
-    return folder / f"trial-{number:04d}-{short}"[:120]
+def run_folder(folder: Path, number: int, options: dict, searched) -> Path:
+    """A trial's run folder: its number and the values of the searched parameters (the fixed ones are the same
+    in every trial, and in its config.yaml)."""
+    short = "".join(f"-{k}{_short(v)}" for k, v in options.items() if k in searched)
+    return folder / f"trial-{number:04d}{short}"[:120]
 
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def train_command(args, folder: Path, number: int, options: dict, train_args: list) -> list:
+def train_command(args, folder: Path, number: int, options: dict, train_args: list, out: Path) -> list:
     """train/main.py for one trial: its options after the fixed ones, its own folder, always resumable."""
     trial_args = [*train_args]
     for name, value in options.items():
         flag = f"--{name.replace('_', '-')}"
         trial_args += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
-    trial_args += ["--output-dir", str(run_folder(folder, number, options)), "--resume", "auto",
+    trial_args += ["--output-dir", str(out), "--resume", "auto",
                    "--sweep-dir", str(folder), "--trial-number", str(number),
                    "--wandb-group", folder.name, "--run-name", f"{folder.name}-trial-{number}"]
     if args.processes_per_trial == 1 and not os.environ.get("CIFAR_SWEEP_LAUNCH"):
@@ -268,39 +292,27 @@ def objective(out: Path, sweep) -> float:
 
 def work(args, train_args: list, folder: Path) -> int:
     """Ask, train, tell, until the study has no more trials for this worker; the worker's exit status."""
-    optuna = study._optuna()
     sweep = load_sweep(str(folder / study.SWEEP_FILE))
     s = study.open_study(sweep, folder, args.sweep_seed)
+    slot = owner()["slot"]
+    if sweep.method != "grid" and not sweep.run_cap and not args.run_cap:
+        print(f"worker {slot}: a {sweep.method} sweep without run_cap runs until it is stopped (Ctrl-C, SIGTERM, "
+              f"scancel), as W&B's does; --run-cap N stops a worker after N trials", flush=True)
     failures = 0
     while True:
         if preemption.requested():
-            print(f"worker {owner()['slot']}: stopping on {preemption.signalled()}, before its next trial", flush=True)
+            print(f"worker {slot}: stopping on {preemption.signalled()}, before its next trial", flush=True)
             return EXIT_PREEMPTED
-        left, gone = orphan(folder, s.get_trials(deepcopy=False)), None
-        if left:
-            frozen, why, gone = left
-            trial = optuna.trial.Trial(s, frozen._trial_id)
-            options = frozen.user_attrs.get("options") or study.suggest(s, trial, sweep, args.sweep_seed)
-            trial.set_user_attr("options", options)  # drawn now if its worker died first; stored ones stay
-            print(f"trial {trial.number}: {why}; resuming it from its last checkpoint", flush=True)
-        else:
-            asked = next_trial(s, sweep, args.sweep_seed)
-            if asked is None:
-                print(f"worker {owner()['slot']}: no trials left ({study_line(s)})", flush=True)
-                return 0
-            trial, options = asked
-            trial.set_user_attr("options", options)
-        pid_dir = Path(tempfile.mkdtemp(prefix=f"cifar-sweep-trial-{trial.number:04d}-"))
-        # The owner before any wait: should this worker die during it, the next one waits for the same processes.
-        waits = [str(d) for d in local_pid_dirs(gone)] if gone else []
-        trial.set_user_attr("owner", {**owner(), "pids": str(pid_dir), "waits": waits})
-        if gone:
-            wait_for_training(gone, trial.number)
-        out = run_folder(folder, trial.number, options)
-        trial.set_user_attr("run_folder", str(out))
-        print(f"trial {trial.number}: {' '.join(f'{k}={_short(v)}' for k, v in options.items())} -> {out}",
-              flush=True)
-        command = train_command(args, folder, trial.number, options, train_args)
+        ran = ran_here(s.get_trials(deepcopy=False))
+        if args.run_cap and ran >= args.run_cap:
+            print(f"worker {slot}: stopping at its --run-cap {args.run_cap} ({study_line(s)})", flush=True)
+            return 0
+        picked = pick_trial(s, sweep, folder, args.sweep_seed)
+        if picked is None:
+            print(f"worker {slot}: no trials left ({study_line(s)})", flush=True)
+            return 0
+        trial, options, out, pid_dir = picked
+        command = train_command(args, folder, trial.number, options, train_args, out)
         code, last_error, preempted = run_trial(command, out, pid_dir)
         if preempted or (code and preemption.requested()):
             # Left RUNNING: this worker's requeued job resumes it, or whichever worker finds it orphaned.
@@ -312,18 +324,55 @@ def work(args, train_args: list, folder: Path) -> int:
             finished(s, trial, out, sweep)
             failures = 0
             continue
-        reason = last_error or f"exit status {code}"
-        trial.set_user_attr("fail_reason", reason)
-        _tell(s, trial, state=optuna.trial.TrialState.FAIL)
-        if code == EXIT_USAGE:
-            raise UsageError(f"trial {trial.number} stopped on bad input, which every trial would repeat: {reason}")
         failures += 1
-        kind = "diverged" if code == EXIT_DIVERGED else "failed"
-        print(f"trial {trial.number}: {kind} ({reason}); the worker goes on", flush=True)
-        if failures >= args.max_failures:
-            print(f"error: {failures} trials in a row failed, the last: {reason}; this worker stops",
-                  file=sys.stderr, flush=True)
+        if failed(s, trial, code, last_error or f"exit status {code}", failures, args.max_failures):
             return 1
+
+
+def pick_trial(s, sweep, folder: Path, seed: int):
+    """(trial, options, run folder, pid folder) this worker runs next, its owner recorded, or None when there is
+    none: a RUNNING trial it continues (its own, preempted, or an orphan whose training it first waits for),
+    else a new one from the study."""
+    optuna = study._optuna()
+    left, gone = orphan(folder, s.get_trials(deepcopy=False)), None
+    if left:
+        frozen, why, gone = left
+        trial = optuna.trial.Trial(s, frozen._trial_id)
+        options = frozen.user_attrs.get("options") or study.suggest(s, trial, sweep, seed)
+        print(f"trial {trial.number}: {why}; resuming it from its last checkpoint", flush=True)
+    else:
+        asked = next_trial(s, sweep, seed)
+        if asked is None:
+            return None
+        trial, options = asked
+    trial.set_user_attr("options", options)  # drawn now if its worker died first; stored ones stay
+    pid_dir = Path(tempfile.mkdtemp(prefix=f"cifar-sweep-trial-{trial.number:04d}-"))
+    # The owner before any wait: should this worker die during it, the next one waits for the same processes.
+    waits = [str(d) for d in local_pid_dirs(gone)] if gone else []
+    trial.set_user_attr("owner", {**owner(), "pids": str(pid_dir), "waits": waits})
+    if gone:
+        wait_for_training(gone, trial.number)
+    stored = left and left[0].user_attrs.get("run_folder")  # a resumed trial keeps its folder
+    out = folder / Path(stored).name if stored else run_folder(folder, trial.number, options, sweep.searched)
+    trial.set_user_attr("run_folder", str(out))
+    print(f"trial {trial.number}: {' '.join(f'{k}={_short(v)}' for k, v in options.items())} -> {out}", flush=True)
+    return trial, options, out, pid_dir
+
+
+def failed(s, trial, code: int, reason: str, failures: int, max_failures: int) -> bool:
+    """Tell the study a trial failed; bad input (exit 2) stops the sweep; whether this worker stops too (its
+    failures in a row reached --max-failures)."""
+    trial.set_user_attr("fail_reason", reason)
+    _tell(s, trial, state=study._optuna().trial.TrialState.FAIL)
+    if code == EXIT_USAGE:
+        raise UsageError(f"trial {trial.number} stopped on bad input, which every trial would repeat: {reason}")
+    kind = "diverged" if code == EXIT_DIVERGED else "failed"
+    print(f"trial {trial.number}: {kind} ({reason}); the worker goes on", flush=True)
+    if failures < max_failures:
+        return False
+    print(f"error: {failures} trials in a row failed, the last: {reason}; this worker stops", file=sys.stderr,
+          flush=True)
+    return True
 
 
 def finished(s, trial, out: Path, sweep) -> None:
@@ -504,6 +553,14 @@ def _gpus() -> list:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
+def cap_text(sweep) -> str:
+    if sweep.run_cap:
+        return f"run_cap {sweep.run_cap}"
+    if sweep.method == "grid":
+        return "no run_cap (the grid's end)"
+    return "no run_cap: runs until stopped (Ctrl-C, SIGTERM, scancel) or each worker's --run-cap N"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -513,7 +570,7 @@ def main(argv=None) -> int:
         if args.check:
             print(f"{args.file}: {sweep.method} over {', '.join(p.name for p in sweep.parameters)}"
                   f"{f', {sweep.grid_size()} combinations' if sweep.method == 'grid' else ''}, "
-                  f"run_cap {sweep.run_cap or 'none'}; metric {sweep.metric} ({sweep.goal})")
+                  f"{cap_text(sweep)}; metric {sweep.metric} ({sweep.goal})")
             return 0
         study._optuna()
         folder = sweep_folder(args)
@@ -526,7 +583,8 @@ def main(argv=None) -> int:
         if args.workers > 1:
             return start_workers(args, argv, folder)
         preemption.listen("passing it on to the running trial, which stops at its next checkpoint; then this "
-                          "worker stops", signals=(*preemption.SIGNALS, signal.SIGINT))
+                          "worker stops")
+        preemption.work_to_save()  # a Ctrl-C is passed on too: the trial's checkpoint is the work to save
         return work(args, train_args, folder)
     except UsageError as e:
         return report_usage_error(e)

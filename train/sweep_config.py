@@ -7,7 +7,7 @@
       batch_size: {values: [64, 128]}
       arch: {value: mobilenet_v2}
     early_terminate: {type: hyperband, min_iter: 3, eta: 3}
-    run_cap: 20
+    run_cap: 20                         # optional: without it, random and bayes run until stopped (as W&B's do)
 
 Parameters are named as train/main.py's options (`batch_size` or `batch-size`). Each is a `value`, a list of
 `values`, or a `distribution` with min/max (and q, or mu/sigma). Every mistake is one UsageError naming the
@@ -68,6 +68,11 @@ class Parameter:
     def kind(self) -> type:
         return Config.__dataclass_fields__[self.name].type
 
+    @property
+    def searched(self) -> bool:
+        """Whether trials differ in it: not one fixed value (`value: V`, or `values` with one)."""
+        return not (self.distribution in ("constant", "categorical") and len(self.values) == 1)
+
     def grid(self) -> list:
         """The values a grid takes: categorical and constant as listed, int_uniform every integer, q_uniform every
         step from min to max (both included, unlike W&B, which leaves max out)."""
@@ -88,7 +93,7 @@ class Sweep:
     parameters: tuple  # of Parameter, in file order
     min_iter: int = 0  # hyperband, in epochs; 0: no early termination
     eta: int = 3
-    run_cap: int = 0  # 0: no cap (a grid ends when exhausted)
+    run_cap: int = 0  # 0: no cap (a grid ends when exhausted; random and bayes run until stopped)
 
     @property
     def record_key(self) -> str:
@@ -100,6 +105,11 @@ class Sweep:
 
     def grid_size(self) -> int:
         return math.prod(len(p.grid()) for p in self.parameters)
+
+    @property
+    def searched(self) -> tuple:
+        """The names of the parameters the trials differ in, in file order (the fixed ones left out)."""
+        return tuple(p.name for p in self.parameters if p.searched)
 
 
 def load_sweep(path: str) -> Sweep:
@@ -151,8 +161,6 @@ def parse_sweep(raw: dict, path: str = "<sweep>") -> Sweep:
         if continuous:
             fail(f"a grid needs values, int_uniform or q_uniform, not a continuous distribution: "
                  f"{', '.join(continuous)}")
-    elif not run_cap:
-        fail(f"method {method} needs a run_cap (how many trials to run)")
     min_iter, eta = _early_terminate(raw.get("early_terminate"), fail)
     return Sweep(str(path), method, name, goal, params, min_iter, eta, run_cap)
 
