@@ -220,6 +220,8 @@ def test_a_search_runs_run_cap_trials_and_the_seed_decides_them(tmp_path, datase
 
 
 def test_hyperband_prunes_a_bad_trial_and_its_run_folder_is_complete(tmp_path, dataset_dir):
+    import pandas as pd
+
     # GridSampler's order with seed 0 is lr 0.02, 1e-06, 0.03, 0.05: the bad trial meets a good one at epoch 2.
     # run_cap 2: those two are the whole story.
     file = write_sweep(tmp_path / "hb.yaml", method="grid", run_cap=2,
@@ -241,12 +243,17 @@ def test_hyperband_prunes_a_bad_trial_and_its_run_folder_is_complete(tmp_path, d
     proc = ok(call("train.sweep_summary", folder))
     table = (folder / "sweep_summary.md").read_text()
     assert table == proc.stdout.split("\nwritten: ")[0]
-    row = next(line for line in table.splitlines() if line.startswith(f"| {bad.number} | lr=1e-06 |"))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {bad.number} | 1e-06 |"))
     assert "| pruned | 2 |" in row and f"{summary['test_acc']:.4f}" in row
     best = max((t for t in counted(folder) if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert f"Best trial: {best.number} (val/f1_macro {best.value:.4f})" in table
-    for plot in ("sweep_history.png", "sweep_importance.png", "sweep_curves.png"):
-        assert (folder / plot).stat().st_size > 1000, plot
+    df = pd.read_csv(folder / "sweep_summary.csv")  # a column per parameter, as pandas users read it
+    assert df["lr"].tolist() == [0.02, 1e-06] and df["state"].tolist() == ["complete", "pruned"]
+    assert df["test_acc"][1] == summary["test_acc"] and df["epochs"].tolist() == [3, 2]
+    assert (folder / "sweep_curves.png").stat().st_size > 1000
+    for plot in ("sweep_history.png", "sweep_importance.png"):  # one complete trial: nothing to plot yet
+        assert f"Note: {plot} not drawn: too few trials (1 complete; " in table and not (folder / plot).exists()
+    assert proc.stdout.rstrip().endswith("written: " + f"{folder}/sweep_summary.md, .csv, sweep_curves.png")
     # W&B: one offline run per trial, in the sweep's group, named by trial number; the pruned one tagged.
     for t in counted(folder):
         (run,) = (folder / Path(t.user_attrs["run_folder"]).name / "wandb").glob("offline-run-*")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import call
+from conftest import call, write_sweep
 from train import run_dir
 from train.config import Config
 from train.sweep_summary import main, summarise
@@ -119,3 +119,63 @@ def test_a_summary_written_halfway_is_not_finished(tmp_path):
     name = make_run(sweep, "resnet18", 0.1, 2, checkpoints=True)
     (sweep / name / "summary.json").write_text('{"best_epoch": 2, "test_')  # killed while writing it
     assert summarise(sweep)[0]["state"] == "running or failed"
+
+
+# ---- A search sweep's summary, from a real journal whose trials are told here (no training) ----------------------
+
+def told_search(folder: Path, values: list) -> list:
+    """A train.sweep folder: its sweep file and a real journal, one trial per value told COMPLETE with the options
+    the study drew (lr searched, epochs searched, which a result column is also named, arch fixed)."""
+    from train import study
+    from train.sweep_config import load_sweep
+
+    folder.mkdir()
+    write_sweep(folder / study.SWEEP_FILE, method="random", parameters={
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 0.1},
+        "epochs": {"distribution": "int_uniform", "min": 1, "max": 9}, "arch": {"value": "resnet18"}})
+    sweep = load_sweep(str(folder / study.SWEEP_FILE))
+    s = study.open_study(sweep, folder, seed=0)
+    drawn = []
+    for value in values:
+        trial = s.ask()
+        options = study.suggest(s, trial, sweep, 0)
+        trial.set_user_attr("options", options)
+        trial.set_user_attr("run_folder", str(folder / f"trial-{trial.number:04d}"))
+        s.tell(trial, value)
+        drawn.append(options)
+    return drawn
+
+
+def test_a_search_summary_has_a_column_per_searched_parameter(tmp_path):
+    """pandas reads sweep_summary.csv with a column per searched parameter, its values as the study drew them;
+    the fixed ones are left out; a parameter named like a result column is param_<name>."""
+    import pandas as pd
+
+    folder = tmp_path / "sweep"
+    drawn = told_search(folder, [0.5, 0.6, 0.7])
+    proc = call("train.sweep_summary", folder)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(folder / "sweep_summary.csv")
+    assert list(df.columns) == ["trial", "lr", "param_epochs", "state", "epochs", "best val/f1_macro", "test_acc",
+                                "test_f1_macro", "seconds", "note"]
+    assert df["lr"].tolist() == [o["lr"] for o in drawn]  # every digit
+    assert df["param_epochs"].tolist() == [o["epochs"] for o in drawn] and df["epochs"].tolist() == [0, 0, 0]
+    assert df["state"].tolist() == ["complete"] * 3
+    table = (folder / "sweep_summary.md").read_text()
+    assert table.startswith("| trial | lr | param_epochs | state |")
+    assert f"| 0 | {drawn[0]['lr']:.4g} | {drawn[0]['epochs']} | complete |" in table
+
+
+@pytest.mark.parametrize("complete, drawn", [(2, []), (10, ["sweep_history.png"]),
+                                             (11, ["sweep_history.png", "sweep_importance.png"])])
+def test_the_search_plots_wait_for_enough_complete_trials(tmp_path, complete, drawn):
+    """Below PLOT_MIN_COMPLETE the history and importance plots are not drawn, and the summary says why."""
+    folder = tmp_path / "sweep"
+    told_search(folder, [0.1 * (i % 7) for i in range(complete)])
+    proc = call("train.sweep_summary", folder)
+    assert proc.returncode == 0, proc.stderr
+    for plot, need in (("sweep_history.png", 3), ("sweep_importance.png", 11)):
+        note = f"Note: {plot} not drawn: too few trials ({complete} complete; it needs {need})"
+        assert (plot in drawn) == (folder / plot).is_file() == (note not in proc.stdout), (plot, proc.stdout)
+        assert (plot in drawn) == (plot in proc.stdout.split("written: ")[1])
+    assert (folder / "sweep_curves.png").is_file()

@@ -5,9 +5,10 @@
 Writes sweep_summary.md, sweep_summary.csv and sweep_summary.png into that folder and prints the
 table. Runs that have not finished are listed with their state, never left out. A search sweep's folder
 (python -m train.sweep: it holds the sweep file and study.journal, or give --storage URL) gets one row per
-trial instead, from the study and the trials' run folders, the best trial, and three plots:
-sweep_history.png (Optuna's optimisation history), sweep_importance.png (parameter importances) and
-sweep_curves.png (every trial's validation metric per epoch, pruned trials marked where they stopped).
+trial instead (a column for each searched parameter), from the study and the trials' run folders, the best
+trial, and three plots: sweep_history.png (Optuna's optimisation history) and sweep_importance.png (parameter
+importances), each once enough trials are complete (PLOT_MIN_COMPLETE), and sweep_curves.png (every trial's
+validation metric per epoch, pruned trials marked where they stopped).
 """
 
 import argparse
@@ -117,6 +118,16 @@ def summarise(folder: Path) -> list:
 # ---- search sweeps (train.sweep) ----------------------------------------------------------------
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+# Complete trials each plot of the search needs before it says anything a table does not. The history: with one
+# or two points its best-so-far line is the table's best row; from three it has a course. The importances:
+# Optuna's default evaluator (PED-ANOVA) rates a parameter by how the top 10% of the complete trials differ
+# from all of them; with 10 or fewer that top is a single trial, whose values say nothing about importance
+# (two trials give every parameter the same share, the 0.50/0.50 of a two-parameter sweep; one trial with a
+# parameter that alone decides the metric got about 0.5 of 2 at 5-10 trials, 0.8-1.0 from 12). Optuna's docs
+# prefer 5 trials in that top (50); 11, two in it, is the least that compares trials. (Its former default,
+# fANOVA, fits a random forest to the trials: as little use on one or two.)
+PLOT_MIN_COMPLETE = {"sweep_history.png": 3, "sweep_importance.png": 11}
+RESULTS = ("trial", "state", "epochs", "test_acc", "test_f1_macro", "seconds", "note")  # a search row's own columns
 
 
 def trial_histories(folder: Path, s) -> dict:
@@ -126,20 +137,33 @@ def trial_histories(folder: Path, s) -> dict:
 
 
 def search_rows(s, sweep, histories: dict) -> list:
+    """A row per trial that was run: its number, a column per searched parameter (param_<name> where a result
+    column has its name), its state and results."""
     rows = []
     for t in s.get_trials(deepcopy=False):
         if t.number not in histories:
             continue
         records = histories[t.number]
         values = [r[sweep.record_key] for r in records]
-        best = sweep.best(values) if values else ""
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
-        rows.append({"trial": t.number, "parameters": _parameters(t),
-                     "state": STATES.get(t.state.name, t.state.name.lower()), "epochs": len(records),
-                     f"best {sweep.metric}": best, "test_acc": t.user_attrs.get("test_acc", ""),
-                     "test_f1_macro": t.user_attrs.get("test_f1_macro", ""), "seconds": seconds,
-                     "note": t.user_attrs.get("fail_reason", "")})
+        results = {"state": STATES.get(t.state.name, t.state.name.lower()), "epochs": len(records),
+                   f"best {sweep.metric}": sweep.best(values) if values else "",
+                   "test_acc": t.user_attrs.get("test_acc", ""), "test_f1_macro": t.user_attrs.get("test_f1_macro", ""),
+                   "seconds": seconds, "note": t.user_attrs.get("fail_reason", "")}
+        options = t.user_attrs.get("options", t.params)
+        rows.append({"trial": t.number, **{_column(name): options.get(name, "") for name in sweep.searched},
+                     **results})
     return rows
+
+
+def _column(name: str) -> str:
+    return f"param_{name}" if name in RESULTS else name
+
+
+def _shown(rows: list, sweep) -> list:
+    """The rows as the markdown table shows them: parameters to 4 significant digits (the CSV keeps them all)."""
+    names = {_column(name) for name in sweep.searched}
+    return [{k: f"{v:.4g}" if k in names and isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
 def _parameters(trial) -> str:
@@ -147,29 +171,52 @@ def _parameters(trial) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
-def search_plots(folder: Path, s, sweep, histories: dict) -> list:
-    """The three plots; returns notes on any that could not be drawn (too few finished trials)."""
-    import warnings
-
+def search_plots(folder: Path, s, sweep, histories: dict) -> tuple:
+    """The three plots: (the files written, notes on those not drawn: too few complete trials)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    complete = sum(t.state.name == "COMPLETE" for t in s.get_trials(deepcopy=False))
+    written, notes = [], []
+    for name, need in PLOT_MIN_COMPLETE.items():
+        if complete < need:
+            (folder / name).unlink(missing_ok=True)  # an older summary's, from fewer trials
+            notes.append(f"{name} not drawn: too few trials ({complete} complete; it needs {need})")
+            continue
+        note = _optuna_plot(folder / name, s)
+        notes += [note] if note else []
+        written += [] if note else [name]
+    _curves(folder / "sweep_curves.png", s, sweep, histories)
+    return [*written, "sweep_curves.png"], notes
+
+
+def _optuna_plot(path: Path, s) -> str:
+    """Draw Optuna's optimisation history or parameter importances (by the file's name); "" or why not."""
+    import warnings
+
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    notes = []
-    for name, draw in (("sweep_history.png", optuna_plots.plot_optimization_history),
-                       ("sweep_importance.png", optuna_plots.plot_param_importances)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                ax = draw(s)
-            ax.figure.set_size_inches(7, 4.5)
-            ax.figure.tight_layout()
-            ax.figure.savefig(folder / name, dpi=100)
-        except (ValueError, RuntimeError) as e:  # e.g. importances need two finished trials
-            notes.append(f"{name} not drawn: {str(e).splitlines()[0]}")
+    draw = {"sweep_history.png": optuna_plots.plot_optimization_history,
+            "sweep_importance.png": optuna_plots.plot_param_importances}[path.name]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            ax = draw(s)
+        ax.figure.set_size_inches(7, 4.5)
+        ax.figure.tight_layout()
+        ax.figure.savefig(path, dpi=100)
+        return ""
+    except (ValueError, RuntimeError) as e:
+        return f"{path.name} not drawn: {str(e).splitlines()[0]}"
+    finally:
         plt.close("all")
+
+
+def _curves(path: Path, s, sweep, histories: dict) -> None:
+    """Every trial's validation metric per epoch, pruned trials dashed and marked where they stopped."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in s.get_trials(deepcopy=False):
         records = histories.get(t.number)
@@ -180,18 +227,17 @@ def search_plots(folder: Path, s, sweep, histories: dict) -> list:
         (line,) = ax.plot(epochs, values, linestyle="--" if pruned else "-", marker=".", label=f"trial {t.number}")
         if pruned:
             ax.plot(epochs[-1], values[-1], marker="x", markersize=10, color=line.get_color())
-    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{folder.name}: validation per trial (x: pruned)")
+    ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{path.parent.name}: validation per trial (x: pruned)")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "sweep_curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return notes
 
 
 def summarise_search(folder: Path) -> tuple:
-    """(rows, text) of a train.sweep folder; writes sweep_summary.md/.csv and the plots."""
+    """(rows, text, the plots written) of a train.sweep folder; writes sweep_summary.md/.csv and the plots."""
     from train import study
     from train.sweep_config import load_sweep
 
@@ -203,19 +249,19 @@ def summarise_search(folder: Path) -> tuple:
     histories = trial_histories(folder, s)
     rows = search_rows(s, sweep, histories)
     columns = list(rows[0]) if rows else ["trial"]
-    lines = [markdown(rows, columns).rstrip("\n")]
+    lines = [markdown(_shown(rows, sweep), columns).rstrip("\n")]
     complete = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if complete:
         best = s.best_trial
         lines += ["", f"Best trial: {best.number} ({sweep.metric} {best.value:.4f}): "
                       + _parameters(best)]
-    notes = search_plots(folder, s, sweep, histories)
+    written, notes = search_plots(folder, s, sweep, histories)
     lines += ["", f"{sweep.method} sweep, {len(rows)} trials: " + ", ".join(
         f"{sum(r['state'] == state for r in rows)} {state}" for state in dict.fromkeys(r["state"] for r in rows))]
     lines += [f"Note: {note}" for note in notes]
     text = "\n".join(lines) + "\n"
     write_table(folder, text, rows, columns)
-    return rows, text
+    return rows, text, written
 
 
 def main(argv=None) -> int:
@@ -229,10 +275,9 @@ def main(argv=None) -> int:
         if args.storage:
             os.environ[study.STORAGE_ENV] = args.storage
         if study.has_study(args.folder):
-            _, text = summarise_search(args.folder)
+            _, text, plots = summarise_search(args.folder)
             print(text, end="")
-            print(f"\nwritten: {args.folder}/sweep_summary.md, .csv, sweep_history.png, sweep_importance.png, "
-                  f"sweep_curves.png")
+            print(f"\nwritten: {args.folder}/sweep_summary.md, .csv, {', '.join(plots)}")
             return 0
         rows = summarise(args.folder)
     except UsageError as e:
