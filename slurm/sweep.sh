@@ -1,12 +1,15 @@
 #!/bin/bash
 # A search sweep as a Slurm job array: every array task is a worker of one study (python -m train.sweep),
 # which asks it for a trial, trains it, tells it how it went and asks again, until the sweep file's run_cap
-# trials are done or its grid is exhausted. So the array's size is the number of workers, not of trials.
+# trials are done, its grid is exhausted or the task has run its --run-cap N trials (wandb agent --count N).
+# So the array's size is the number of workers, not of trials. A random or bayes sweep with neither cap runs
+# until cancelled: the time limit requeues a task as preemption does (up to MAX_REQUEUES times).
 # Submit from the project folder; a sweep file first (default: configs/sweep-arch-lr.yaml, a grid of 9), then
 # train.sweep's options, then the options of every trial's train/main.py:
 #   mkdir -p logs && sbatch slurm/sweep.sh --epochs 30
 #   sbatch --array=0-7%4 slurm/sweep.sh configs/sweep-mobilenet_v2.yaml --epochs 30   # 8 workers, 4 at a time
 #   sbatch slurm/sweep.sh configs/sweep-mobilenet_v2.yaml --workers-per-gpu 2 --epochs 30   # 2 trials per GPU
+#   sbatch --array=0-3 slurm/sweep.sh configs/sweep-mobilenet_v2.yaml --run-cap 8 --epochs 30  # 8 trials per task
 # Watch it: optuna-dashboard runs/sweep-<array job id>/study.journal. Then:
 #   python -m train.sweep_summary runs/sweep-<array job id>
 # Another array can join a running sweep: sbatch slurm/sweep.sh FILE --sweep-dir runs/sweep-<id> ...
