@@ -36,3 +36,15 @@ def test_classes_without_predictions_or_samples():
     # Per-class F1 by hand: a: p=2/5, r=1 -> 4/7; b, c: 0; d: 0 (absent, counted as 0 like sklearn's zero_division=0)
     assert m["f1_macro"] == pytest.approx((4 / 7) / 4)
     assert np.asarray(m["confusion_matrix"]).shape == (4, 4)
+
+
+def test_one_class_for_nearly_every_image_is_flagged():
+    from train.metrics import one_class
+
+    names = ["cat", "dog", "frog"]
+    dog_for_all = [[0, 30, 0], [0, 30, 0], [0, 30, 0]]  # the lab's smoke run, in small
+    assert one_class(dog_for_all, names) == {"class": "dog", "predicted": 90, "images": 90, "share": 1.0}
+    assert one_class([[3, 27, 0], [0, 30, 0], [0, 27, 3]], names)["share"] == pytest.approx(84 / 90)
+    assert one_class([[8, 22, 0], [0, 30, 0], [0, 22, 8]], names) is None  # 74 of 90: below 90 %
+    assert one_class([[95, 0, 0], [4, 1, 0], [1, 0, 0]], names) is None  # cat is 95 % of the images: right to say it
+    assert one_class([[0, 0, 0]] * 3, names) is None  # no images

@@ -81,7 +81,9 @@ def test_eval_only_reproduces_the_final_test_metrics(trained_run, dataset_dir, t
     for key in ("test_acc", "test_f1_macro", "test_per_class_accuracy", "confusion_matrix", "num_test_samples"):
         assert evaluated[key] == trained[key], key
     assert evaluated["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
-    assert (out / "confusion_matrix.png").is_file() and "| red |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (out / "confusion_matrix.png").is_file() and "| red |" in report
+    assert "| eval_only | True |" in report and f"| checkpoint | {trained_run} |" in report  # shown where they apply
 
 
 @pytest.mark.ddp

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from train import progress
 from train.augment import BatchTransform
 from train.metrics import classification_metrics
+from train.optim import mean_lr
 
 
 class Stop(enum.Enum):
@@ -333,7 +334,8 @@ def validate_epoch(parts: Parts, state: TrainState, totals: Totals, seconds: flo
     return {"epoch": state.epoch + 1, "train_loss": totals.loss, "train_acc": totals.accuracy,
             "val_loss": val.loss, "val_acc": metrics["acc"], "val_f1_macro": metrics["f1_macro"],
             "val_per_class_accuracy": metrics["per_class_accuracy"],
-            "lr": parts.optimizer.param_groups[0]["lr"], "step": state.step,
+            "lr": mean_lr(parts.scheduler, state.step - (state.history[-1]["step"] if state.history else 0)),
+            "step": state.step,
             "train_images": int(totals.seen), "val_images": len(val.labels),  # all processes, each image once
             "epoch_seconds": seconds, "images_per_second": totals.seen / max(1e-9, seconds)}
 

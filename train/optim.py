@@ -75,3 +75,16 @@ def set_peak_lr(scheduler, peak_lr: float) -> bool:
         group["initial_lr"], group["lr"] = peak_lr, peak_lr * factor(schedule.last_epoch)
     schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
     return True
+
+
+def mean_lr(scheduler, steps: int) -> float:
+    """The mean learning rate of the last `steps` optimizer steps (an epoch's), from the schedule's own position:
+    what those steps trained with, not the rate after the schedule moved on (0 after a cosine's last step). Read
+    from the schedule, not recorded per step, so a resumed epoch gives the same number."""
+    schedule = getattr(scheduler, "scheduler", scheduler)  # inside Accelerate's wrapper
+    end = schedule.last_epoch  # the position the next step would train at
+    positions = range(max(0, end - steps), end)
+    if not positions:
+        return schedule.optimizer.param_groups[0]["lr"]
+    factor = schedule.lr_lambdas[0]
+    return schedule.base_lrs[0] * sum(factor(k) for k in positions) / len(positions)

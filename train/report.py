@@ -1,5 +1,6 @@
 """Plots and a readable report.md for a finished run (the lab report, written by the program)."""
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -7,23 +8,35 @@ import matplotlib
 matplotlib.use("Agg")  # compute nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from train.metrics import one_class  # noqa: E402
 
 
 def plot_curves(path: Path, history: list, best_epoch: int) -> None:
-    epochs = [r["epoch"] for r in history]
     for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),
                                ("accuracy.png", ("train_acc", "val_acc"), "accuracy")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in keys:
-            ax.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_", " "))
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig = curve_figure(history, keys, ylabel, best_epoch)
         fig.savefig(path / name, dpi=100)
         plt.close(fig)
+
+
+def curve_figure(history: list, keys: tuple, ylabel: str, best_epoch: int):
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        ax.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_", " "))
+    if best_epoch:
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
+    if len(epochs) == 1:  # matplotlib would span 0.96-1.04 around a lone point
+        ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+        ax.set_xticks(epochs)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def plot_confusion(path: Path, matrix: list, class_names: list) -> None:
@@ -42,6 +55,37 @@ def plot_confusion(path: Path, matrix: list, class_names: list) -> None:
     fig.tight_layout()
     fig.savefig(path / "confusion_matrix.png", dpi=100)
     plt.close(fig)
+
+
+# Options that mean something only in a sweep's trial, an --eval-only run, or a run that logged to W&B.
+SWEEP_ONLY, EVAL_ONLY = ("sweep_dir", "trial_number"), ("eval_only", "checkpoint")
+WANDB_DETAILS = ("wandb_project", "wandb_entity", "wandb_group", "run_name", "tags", "wandb_log_model")
+
+
+def shown_options(run, data) -> dict:
+    """The options as report.md shows them: what the run was set to and what it used, without the fields that
+    mean nothing here (a sweep's outside a sweep, eval-only's in training, W&B's unset ones), `gpu_resident` only
+    on a GPU, where it says whether the images were in GPU memory, and `wandb` the mode W&B actually ran in."""
+    options, hidden = run.cfg.to_dict(), {"wandb_mode"}
+    hidden.update(() if options["sweep_dir"] else SWEEP_ONLY)
+    hidden.update(() if options["eval_only"] else EVAL_ONLY)
+    options["wandb"] = wandb_used(run.tracker)
+    hidden.update(name for name in WANDB_DETAILS if options["wandb"] == "off" or options[name] in ("", None))
+    if run.accelerator.device.type == "cuda":
+        options["gpu_resident"] = data.test.images.is_cuda  # False where they did not fit (the run warned)
+    else:
+        hidden.add("gpu_resident")
+    return {name: value for name, value in options.items() if name not in hidden}
+
+
+def wandb_used(tracker) -> str:
+    """online, offline, or off: what W&B did for this run, whatever was asked (no credentials: offline)."""
+    if not tracker.active:
+        return "off" if tracker.run_id is None else "off (stopped after an error: see the run's warnings)"
+    try:
+        return "offline" if tracker.accelerator.get_tracker("wandb", unwrap=True).offline else "online"
+    except Exception:  # W&B's own objects: never fatal for the report
+        return "on"
 
 
 def _duration(seconds: float) -> str:
@@ -69,6 +113,7 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
               f"| test images | {summary['num_test_samples']} |",
               f"| run time | {_duration(summary['wall_seconds'])} |",
               f"| processes, precision | {summary['world_size']}, {summary['mixed_precision']} |", ""]
+    lines += _one_class_note(summary.get("predicted_one_class"))
     if history and summary.get("val_is_test"):
         lines += ["Test metrics use the weights of the best epoch, and validation was the test split "
                   "(--val-size 0): the test split chose that epoch, so these test numbers are optimistic.", ""]
@@ -94,7 +139,7 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
 
 def _epoch_log(history: list, best_epoch: int) -> list:
     lines = ["", "## Per-epoch log", "",
-             "| epoch | train loss | train acc | val loss | val acc | val macro-F1 | lr | seconds | images/s |",
+             "| epoch | train loss | train acc | val loss | val acc | val macro-F1 | mean lr | seconds | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in history:
         mark = " **best**" if r["epoch"] == best_epoch else ""
@@ -109,6 +154,35 @@ def write_all(path: Path, cfg: dict, summary: dict, history: list, class_names: 
         plot_curves(path, history, summary["best_epoch"])
     plot_confusion(path, summary["confusion_matrix"], class_names)
     write_report(path, cfg, summary, history, data_note)
+
+
+# What usually gets a model that predicts one class to learn, for the warning and report.md.
+ONE_CLASS_HELPS = ("more epochs; another --lr (lower if the loss rose or jumped, higher if it hardly moved); "
+                   "--cifar-stem for 32 px inputs; a check that the labels match the images")
+
+
+def flag_one_class(summary: dict, class_names: list) -> None:
+    """Record in the summary whether the model predicted one class for nearly every test image (train/metrics.py
+    says when), and warn on stderr. Main process only, as the summary."""
+    found = summary["predicted_one_class"] = one_class(summary["confusion_matrix"], class_names)
+    if found:
+        print(f"warning: {_one_class_words(found)}, accuracy {_pct(summary['test_acc'])}, macro-F1 "
+              f"{summary['test_f1_macro']:.3f}: it has not learnt to tell the classes apart\n"
+              f"  usually helps: {ONE_CLASS_HELPS} (report.md says so too)", file=sys.stderr, flush=True)
+
+
+def _one_class_words(found: dict) -> str:
+    return (f"the model predicted \"{found['class']}\" for {found['predicted']} of the {found['images']} test images "
+            f"({100 * found['share']:.1f} %)")
+
+
+def _one_class_note(found) -> list:
+    if not found:
+        return []
+    words = _one_class_words(found)
+    return [f"**Warning: one class for nearly every test image.** {words[0].upper() + words[1:]}: it has "
+            f"not learnt to tell the classes apart, whatever the numbers above look like. What usually helps: "
+            f"{ONE_CLASS_HELPS}.", ""]
 
 
 def _skipped(skipped) -> list:

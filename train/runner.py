@@ -276,8 +276,10 @@ def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: Tr
     if cfg.tta:  # reported beside, never instead of, the plain numbers
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
+    report.flag_one_class(summary, data.class_names)
     run_dir.write_summary(run.out, summary)
-    report.write_all(run.out, cfg.to_dict(), summary, state.history, data.class_names, data.sizes())
+    report.write_all(run.out, report.shown_options(run, data), summary, state.history, data.class_names,
+                     data.sizes())
     run.tracker.log_final(summary, data.class_names)
     if cfg.wandb_log_model == "end" and trained:
         run.tracker.log_model(model_files(run.out), state.best_epoch,
