@@ -15,6 +15,7 @@ from conftest import call, read_summary
 from synthetic import CLASS_NAMES, make_images
 from train.checkpoint import save_model
 from train.export import compare_logits
+from train.predict import confusion_lines
 from train.models import ModelSpec
 
 
@@ -30,6 +31,14 @@ def test_predict_on_the_test_split_reproduces_the_run(trained_run, dataset_dir, 
     assert metrics["acc"] == summary["test_acc"] and metrics["f1_macro"] == summary["test_f1_macro"]
     assert metrics["confusion_matrix"] == summary["confusion_matrix"]
     assert f"accuracy {summary['test_acc']:.4f}, macro-F1 {summary['test_f1_macro']:.4f}" in proc.stderr
+    # The confusion matrix as a table: rows true class, columns predicted; no line of hundreds of characters.
+    lines = proc.stderr.splitlines()
+    start = lines.index("confusion matrix (rows: true class; columns: predicted class, numbered as the rows):")
+    assert lines[start + 1].split() == ["0", "1", "2", "3"]
+    rows = [line.split() for line in lines[start + 2:start + 6]]
+    assert [row[:2] for row in rows] == [[str(i), name] for i, name in enumerate(CLASS_NAMES)]
+    assert [list(map(int, row[2:])) for row in rows] == summary["confusion_matrix"]
+    assert max(map(len, lines)) <= 100
 
 
 @pytest.mark.slow
@@ -41,7 +50,9 @@ def test_predict_on_files_and_folders_goes_on_past_an_unreadable_one(trained_run
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
     proc = call("train.predict", trained_run, tmp_path / "in", "--out", tmp_path / "out.csv", "--top-k", "9")
     assert proc.returncode == 1  # documented: some input could not be read
-    assert [line for line in proc.stderr.splitlines() if "broken.png" in line and "undecodable" in line]
+    broken = [line for line in proc.stderr.splitlines() if "broken.png" in line]
+    assert len(broken) == 1 and broken[0].startswith(f"warning: predict, image file {tmp_path / 'in' / 'broken.png'}: "
+                                                     "undecodable image skipped") and " row " not in broken[0]
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
     assert len(rows) == 6 and set(rows[0]) == {"input", *(f"{k}{i}" for i in range(1, 5) for k in ("class", "prob"))}
     predicted = {row["input"].rsplit("/", 1)[-1]: row["class1"] for row in rows}
@@ -119,3 +130,10 @@ def test_a_rejected_export_is_not_left_where_a_checked_one_goes(trained_run, dat
     import onnxruntime
 
     onnxruntime.InferenceSession(str(out) + ".rejected", providers=["CPUExecutionProvider"])  # complete, to look into
+
+
+def test_a_confusion_matrix_too_wide_to_print_is_named_where_it_is():
+    lines = confusion_lines([[0] * 40] * 40, [f"class{i}" for i in range(40)], "metrics.json")
+    assert lines == ["confusion matrix: 40 x 40 classes, too wide to print (in metrics.json)"]
+    assert confusion_lines([[0] * 40] * 40, [f"class{i}" for i in range(40)], "") == \
+        ["confusion matrix: 40 x 40 classes, too wide to print (--metrics FILE writes it)"]

@@ -78,7 +78,7 @@ def check_memory(images: int, policy: Policy, where: str, workers: int = 0) -> N
 
 
 def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: int = 0,
-               skipped_because: str = "--skip-bad-images") -> tuple:
+               skipped_because: str = "--skip-bad-images", files: bool = False) -> tuple:
     """(uint8 (N, 3, S, S), indices of the rows kept or None when all were), decoded by `workers` processes
     (0: one per CPU this process may use). Each chunk of rows lands in its own place, so the result is the
     same whatever the number of workers. Processes rather than threads: for small images PIL's Python
@@ -86,7 +86,7 @@ def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: i
 
     Memory: the output is allocated once, in its final layout, and each chunk is written into it as it
     arrives; rows left out are compacted in place and the result is a view of its first rows. The peak is
-    memory_needed(len(raw), policy, workers)."""
+    memory_needed(len(raw), policy, workers). `files`: `raw` are image files (named by path), not a dataset's rows."""
     import torch
 
     out = np.empty((len(raw), 3, policy.size, policy.size), dtype=np.uint8)
@@ -99,10 +99,11 @@ def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: i
     failures.sort()  # in row order
     for i, error in failures:
         path = f" ({raw[i]['path']})" if raw[i].get("path") else ""
+        item = f"image file {raw[i]['path']}" if files else f"row {i}{path}"
         if not skip_bad:
-            raise UsageError(f"{where}, row {i}{path}: cannot decode the image ({error}); fix or remove it, "
+            raise UsageError(f"{where}, {item}: cannot decode the image ({error}); fix or remove it, "
                              "or pass --skip-bad-images to leave such rows out")
-        print(f"warning: {where}, row {i}{path}: undecodable image skipped ({skipped_because}): {error}",
+        print(f"warning: {where}, {item}: undecodable image skipped ({skipped_because}): {error}",
               file=sys.stderr, flush=True)
     if not failures:
         return torch.from_numpy(out), None

@@ -76,7 +76,7 @@ def decode_inputs(spec, files: list, dataset: str, split: str, where: str, limit
         policy = decode.Policy(side, resize=True)
     if limit:
         raw, names, labels = raw[:limit], names[:limit], labels[:limit] if labels is not None else None
-    images, rows = decode.decode_all(raw, policy, where, skip_bad=True, skipped_because="left out")
+    images, rows = decode.decode_all(raw, policy, where, skip_bad=True, skipped_because="left out", files=not dataset)
     if rows is not None:
         names, labels = [names[i] for i in rows.tolist()], labels[rows.numpy()] if labels is not None else None
     return images, labels, names, rows is not None
@@ -123,10 +123,27 @@ def report_metrics(preds, labels, class_names, path) -> None:
     from train.metrics import classification_metrics
 
     metrics = classification_metrics(preds, labels, class_names)
-    print(f"accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f} on {metrics['num_samples']} images; "
-          f"confusion matrix (rows: true class): {metrics['confusion_matrix']}", file=sys.stderr, flush=True)
+    print(f"accuracy {metrics['acc']:.4f}, macro-F1 {metrics['f1_macro']:.4f} on {metrics['num_samples']} images",
+          *confusion_lines(metrics["confusion_matrix"], class_names, path), sep="\n", file=sys.stderr, flush=True)
     if path:
         Path(path).write_text(dumps(metrics, indent=2) + "\n")
+
+
+WIDTH = 100  # characters of the widest line printed: a terminal or a log shows it unwrapped
+
+
+def confusion_lines(matrix, class_names: list, path) -> list:
+    """The confusion matrix as a table (rows: true class; columns: predicted class, numbered as the rows), or,
+    where that would be wider than WIDTH (many classes), one line saying where it is."""
+    cm = np.asarray(matrix)
+    names = [f"{i} {name[:20]}" for i, name in enumerate(class_names)]
+    first, cell = max(map(len, names)), len(str(max(int(cm.max(initial=0)), len(class_names) - 1))) + 2
+    table = [" " * first + "".join(f"{i:>{cell}}" for i in range(len(class_names)))]
+    table += [f"{name:<{first}}" + "".join(f"{int(v):>{cell}}" for v in row) for name, row in zip(names, cm)]
+    if len(table[0]) <= WIDTH:
+        return ["confusion matrix (rows: true class; columns: predicted class, numbered as the rows):", *table]
+    where = f"in {path}" if path else "--metrics FILE writes it"
+    return [f"confusion matrix: {len(class_names)} x {len(class_names)} classes, too wide to print ({where})"]
 
 
 def main(argv=None) -> int:
