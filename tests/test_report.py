@@ -65,6 +65,7 @@ def test_a_run_that_learnt_shows_no_warning_and_each_epochs_own_rate(trained_run
     assert rows["epochs"] == "3" and rows["wandb"] == "off" and not set(NOT_SHOWN) & set(rows), rows
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_the_report_names_the_wandb_mode_a_run_used(ddp_run):
     rows = option_rows((ddp_run / "report.md").read_text())
