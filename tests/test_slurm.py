@@ -224,7 +224,7 @@ def test_usr1_then_scontrol_requeue_each_checkpoint_requeue_and_resume_to_the_sa
     file = write_sweep(tmp_path / "one.yaml", method="grid", parameters={"lr": {"value": 0.02}})
     fixed = [a for a in RESUME_ARGS if a not in ("--resume", "auto", "--lr", "0.02")]
     job = sbatch(job_env, tmp_path, "sweep.sh", "--array=0", args=[str(file), "--dataset", str(dataset_dir), *fixed])
-    task, run = f"{job}_0", tmp_path / "runs" / f"sweep-{job}" / "trial-0000-lr0.02"
+    task, run = f"{job}_0", tmp_path / "runs" / f"sweep-{job}" / "trial-0000"  # lr fixed: not in the name
     newest = -1
     for preempt in (_usr1, _scontrol_requeue):
         _wait_for_a_checkpoint(run, tmp_path, after_step=newest)  # this attempt's own: it is training
