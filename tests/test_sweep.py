@@ -388,8 +388,11 @@ def test_a_stopped_worker_stops_its_trial_at_a_checkpoint_and_the_next_resumes_i
                                                                                  processes):
     """Ctrl-C (SIGINT) or Slurm's SIGTERM to the worker alone: it passes the stop on to the trial's training
     processes (under DDP, through accelerate launch, which turns exit 75 into 1), which checkpoint; the trial
-    stays RUNNING, the worker exits 75, and the next worker resumes the trial with the steps it lacked."""
-    file = write_sweep(tmp_path / "grid.yaml", method="grid", parameters={"lr": {"values": [0.02]}})
+    stays RUNNING, the worker exits 75, and the next worker resumes the trial with the steps it lacked. Ctrl-C
+    stops a bayes sweep without run_cap, which runs until it is stopped (as W&B's), and the next worker's
+    --run-cap 1 ends it after the resumed trial; SIGTERM stops a grid."""
+    method = "bayes" if sig == signal.SIGINT else "grid"
+    file = write_sweep(tmp_path / "sweep.yaml", method=method, parameters={"lr": {"values": [0.02]}})
     folder, options = tmp_path / "sweep", [*LEARNS, "--processes-per-trial", str(processes)]
     env = {"ACCELERATE_USE_CPU": "true",
            "CIFAR_SWEEP_LAUNCH": f"--dynamo_backend no --mixed_precision no --main_process_port {PORT}"
@@ -407,8 +410,11 @@ def test_a_stopped_worker_stops_its_trial_at_a_checkpoint_and_the_next_resumes_i
     assert trial.state.name == "RUNNING" and (run / "PREEMPTED").is_file(), err[-3000:]
     assert "stopped with a checkpoint; the requeued worker, or the next one, resumes it" in out
     assert "steps in this attempt (from step 0 " in out
-    proc = ok(run_sweep(file, folder, *options, dataset=dataset_dir, env=env))
+    assert ("a bayes sweep without run_cap runs until it is stopped" in out) == (method == "bayes"), out[-3000:]
+    capped = ["--run-cap", "1"] if method == "bayes" else []
+    proc = ok(run_sweep(file, folder, *options, *capped, dataset=dataset_dir, env=env))
     assert "is gone; resuming it from its last checkpoint" in proc.stdout, proc.stdout
+    assert ("worker 0: stopping at its --run-cap 1 (1 complete)" in proc.stdout) == bool(capped), proc.stdout
     first = int(out.split(" optimizer steps in this attempt")[0].rsplit(maxsplit=1)[-1])
     second = int(proc.stdout.split(" optimizer steps in this attempt")[0].rsplit(maxsplit=1)[-1])
     total = json.loads((run / "summary.json").read_text())["steps"]
