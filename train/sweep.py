@@ -7,10 +7,10 @@
 
 Options after FILE that are not the sweep's own go to every trial's train/main.py. A worker asks the study for
 a trial, trains it as a run of its own (`train/main.py` in a fresh process, through `accelerate launch` when a
-trial has several processes), tells the study how it ended, and asks again until run_cap trials are done,
-the grid is exhausted or this worker has run its --run-cap trials (W&B's `wandb agent --count`); a random or
-bayes sweep without either runs until it is stopped, as W&B's does. The trial's rank 0 reports the metric each epoch and stops where the pruner says
-(train/study.py); this process only asks and tells.
+trial has several processes), tells the study how it ended, and asks again until run_cap trials are done, the
+grid is exhausted or this worker has run its --run-cap trials (W&B's `wandb agent --count`); a random or bayes
+sweep without either runs until it is stopped, as W&B's does. The trial's rank 0 reports the metric each epoch
+and stops where the pruner says (train/study.py); this process only asks and tells.
 
 Ends of a trial: finished or pruned -> told COMPLETE / PRUNED; diverged (exit 3) -> FAIL, the worker goes on;
 bad input (exit 2) -> FAIL and the sweep stops (the same mistake in every trial); preempted (exit 75) -> left
