@@ -121,7 +121,7 @@ def test_labels_outside_the_class_range(tmp_path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="nothing/here: no such folder"):
         load_image_data(cfg(tmp_path / "nothing" / "here"))
 
 
