@@ -153,8 +153,9 @@ def test_scheduler_drives_the_optimizer_lr():
 @pytest.mark.slow
 def test_schedule_counts_optimizer_steps_under_gradient_accumulation(dataset_dir, tmp_path):
     """5 batches an epoch, 2 per optimizer step: 3 optimizer steps an epoch (the last one takes 1 batch), so a
-    2-epoch cosine schedule is half done after epoch 1 and done after epoch 2. Counted in batches (10 steps) it
-    would still be at 0.79 and 0.35; counted in whole accumulations (2 an epoch) it would end at step 4."""
+    2-epoch cosine schedule trains epoch 1 at its positions 0, 1, 2 of 6 and epoch 2 at 3, 4, 5 (metrics.jsonl's
+    lr: the mean rate of the epoch's steps). Counted in batches (10 steps) it would still be at 0.79 and 0.35 after
+    the epochs; counted in whole accumulations (2 an epoch) it would end at step 4."""
     from conftest import check, read_metrics, run_main
 
     out = tmp_path / "run"
@@ -163,4 +164,5 @@ def test_schedule_counts_optimizer_steps_under_gradient_accumulation(dataset_dir
                     "--grad-accum-steps", "2", "--lr", "0.02", "--scheduler", "cosine", "--wandb-mode", "disabled"]))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [3, 6]
-    assert [r["lr"] for r in records] == pytest.approx([0.02 * cosine(3 / 6), 0.0], abs=1e-12)
+    means = [0.02 * sum(cosine(k / 6) for k in steps) / 3 for steps in (range(0, 3), range(3, 6))]
+    assert [r["lr"] for r in records] == pytest.approx(means, abs=1e-12)

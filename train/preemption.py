@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from train import progress
+
 # EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
 # non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
 EXIT_PREEMPTED = 75
@@ -50,12 +52,18 @@ def _handle(signum, frame):
     if _received is None:  # another signal changes nothing: the checkpoint is already coming
         _received = name
         again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-        print(f"received {name}: {_what}{again}", file=sys.stderr, flush=True)
+        _say(f"received {name}: {_what}{again}")
 
 
 def _stop_now(why: str) -> None:
-    print(f"interrupted: stopping now ({why})", file=sys.stderr, flush=True)
+    _say(f"interrupted: stopping now ({why})")
     os._exit(EXIT_INTERRUPTED)  # no traceback, no cleanup that could hang: what a second Ctrl-C asks for
+
+
+def _say(line: str) -> None:
+    """To the person's terminal where there is one: `accelerate launch` pipes stderr through itself, and a
+    line that arrives as Ctrl-C interrupts the launcher's copying can be lost there; else to stderr."""
+    print(line, file=progress.terminal() or sys.stderr, flush=True)
 
 
 def work_to_save() -> None:
