@@ -18,6 +18,7 @@ from train.errors import EXIT_DIVERGED, UsageError
 from train.loop import Diverged, Stop, TrainState
 from train.models import ModelSpec
 from train.preemption import EXIT_PREEMPTED
+from train.report import PRECISION
 
 
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
@@ -60,7 +61,7 @@ def announce(cfg: Config, accelerator: Accelerator, out: Path) -> None:
     """The first line of a run: where its files go, and what runs where."""
     if accelerator.is_main_process:
         processes = accelerator.num_processes
-        precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+        precision = PRECISION.get(accelerator.mixed_precision, accelerator.mixed_precision)
         print(f"run folder {out}: {'evaluating' if cfg.eval_only else 'training'} {cfg.arch} on "
               f"{accelerator.device.type}, {processes} process{'es' if processes > 1 else ''}, {precision}",
               flush=True)

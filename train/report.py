@@ -12,6 +12,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from train.metrics import one_class  # noqa: E402
 
+PRECISION = {"no": "fp32"}  # Accelerate's name for no mixed precision
+
 
 def plot_curves(path: Path, history: list, best_epoch: int) -> None:
     for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),
@@ -112,7 +114,8 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
               f"| test loss | {summary['test_loss']:.4f} |",
               f"| test images | {summary['num_test_samples']} |",
               f"| run time | {_duration(summary['wall_seconds'])} |",
-              f"| processes, precision | {summary['world_size']}, {summary['mixed_precision']} |", ""]
+              f"| processes, precision | {summary['world_size']}, "
+              f"{PRECISION.get(summary['mixed_precision'], summary['mixed_precision'])} |", ""]
     lines += _one_class_note(summary.get("predicted_one_class"))
     if history and summary.get("val_is_test"):
         lines += ["Test metrics use the weights of the best epoch, and validation was the test split "
