@@ -5,6 +5,7 @@ exits 2 with that one line, by one real cold start (test_a_real_process_exits_2_
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,8 @@ def test_bad_input_is_one_clear_line(places, case):
     argv, env = case_args(places, case)
     proc = main_in_process(argv, env=env)
     assert_one_clear_line(proc, case, places)
+    out = Path(argv[-1])
+    assert not (out.is_dir() and not any(out.iterdir())), "an empty run folder was left behind"
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ def make_accelerator(cfg: Config, track: bool) -> Accelerator:
     return accelerator
 
 
-def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> tuple:
+    """(the run folder every rank agrees on, whether this run made it)."""
     resume_from = Path(cfg.resume) if cfg.resume not in ("", "auto") else None
     if resume_from is not None and not resume_from.is_dir():
         raise UsageError(f"--resume {cfg.resume}: no such checkpoint folder")
@@ -50,11 +51,12 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     continuing = cfg.resume == "auto" or (home is not None and home.resolve() == path.resolve())
     if not continuing:
         run_dir.refuse_to_overwrite(path)
+    made = not path.exists()
     accelerator.wait_for_everyone()  # nobody creates files before every rank has checked
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
         (path / run_dir.MARKER).unlink(missing_ok=True)
-    return path
+    return path, made
 
 
 def announce(cfg: Config, accelerator: Accelerator, out: Path) -> None:
@@ -73,13 +75,18 @@ def run(cfg: Config) -> int:
     accelerator = make_accelerator(cfg, track)
     if cfg.compile:
         runner.check_cuda_graphs(cfg.compile_mode, accelerator)  # before minutes of data loading
-    out = resolve_output_dir(cfg, accelerator)
+    out, made = resolve_output_dir(cfg, accelerator)
     announce(cfg, accelerator, out)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
-    if cfg.eval_only:
-        weights, spec = runner.eval_spec(cfg)
-    data = runner.prepare_data(cfg, accelerator)
+    try:
+        if cfg.eval_only:
+            weights, spec = runner.eval_spec(cfg)
+        data = runner.prepare_data(cfg, accelerator)
+    except UsageError:  # bad data or model: leave no empty run folder behind for each try
+        if made and accelerator.is_main_process and not any(out.iterdir()):
+            out.rmdir()
+        raise
     if cfg.eval_only:
         model, state = accelerator.prepare(runner.eval_model(cfg, spec, weights, data.class_names)), TrainState()
     env = {**run_dir.environment(accelerator.num_processes, accelerator.mixed_precision), "decoded": data.decoded}
