@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import FAST, check, main_in_process, read_summary, run_main
-from train.checkpoint import load_model
+from train.model_files import load_model
 from train.models import ModelSpec
 
 SHORT = [*FAST, "--epochs", "2", "--limit-batches", "3"]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from synthetic import write_parquet_dataset
 from test_data import cfg
-from train.checkpoint import load_model, save_model
+from train.model_files import load_model, save_model
 from train.files import atomic_write, umask
 from train.data import load_image_data
 from train.models import ModelSpec

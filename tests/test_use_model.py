@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import call, read_summary
 from synthetic import CLASS_NAMES, make_images
-from train.checkpoint import save_model
+from train.model_files import save_model
 from train.export import compare_logits
 from train.predict import confusion_lines
 from train.models import ModelSpec

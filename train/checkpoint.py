@@ -1,6 +1,5 @@
-"""Model files and training checkpoints, written atomically and verified before use.
+"""Training checkpoints, written atomically and verified before use (the model's own files: train/model_files.py).
 
-The best model is a safetensors file with its arch and class names in the metadata.
 Nothing here unpickles arbitrary objects: weights are safetensors, Accelerate's
 optimizer/scheduler/RNG files are read with torch.load(weights_only=True), the rest is JSON.
 """
@@ -13,85 +12,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
-from train import hub, run_dir
-from train.errors import UsageError
+from train import run_dir
+from train.errors import UsageError, first_line
 from train.failpoints import delay, failpoint
 from train.files import atomic_write, default_mode, dumps, sha256, writing
+from train.model_files import CHECKPOINT_WEIGHTS, TRAINER_STATE
 from train.models import ModelSpec, clean_keys
-
-# Accelerate's save_state name for the model's current weights in a checkpoint folder.
-MODEL_FILE = "model.safetensors"
-
-
-def cpu_copy(tensors: dict) -> dict:
-    """A CPU copy of a state dict that safetensors can write (contiguous, unshared)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-
-
-def cpu_state_dict(model: torch.nn.Module) -> dict:
-    return cpu_copy(model.state_dict())
-
-
-def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
-    metadata = {**spec.to_metadata(), "format": "pt"}
-    with writing(path):
-        atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
-
-
-MODEL_KINDS = ("a run folder (model.safetensors), a model.safetensors, a checkpoint folder (trainer_state.json), "
-               "a Hub model folder (config.json, from train.export --hub) or hf://REPO_ID[@REVISION]")
-
-
-def load_model(path) -> tuple:
-    """Return (state_dict, ModelSpec, names of the spec's fields the file did not record) from any MODEL
-    argument (MODEL_KINDS); or a one-line UsageError. Every kind gives the same model for the same weights."""
-    if str(path).startswith(hub.PREFIX):
-        path = hub.download(str(path))
-    path = Path(path)
-    if (path / TRAINER_STATE).is_file():
-        saved = json.loads((path / TRAINER_STATE).read_text())
-        state_dict, _ = _read_model_file(path / MODEL_FILE)
-        return clean_keys(state_dict), ModelSpec.from_dict(saved), ModelSpec.missing_from_dict(saved)
-    if path.is_dir() and hub.is_hub_folder(path):
-        state_dict, _ = _read_model_file(path / run_dir.MODEL)
-        return clean_keys(state_dict), hub.read_hub_folder(path), set()
-    if path.is_dir() and not (path / run_dir.MODEL).is_file():
-        raise UsageError(f"{path} holds no model: expected {MODEL_KINDS}")
-    state_dict, metadata = _read_model_file(path / run_dir.MODEL if path.is_dir() else path)
-    try:
-        spec = ModelSpec.from_metadata(metadata)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UsageError(f"{path} is not a model file of this project (metadata: {type(e).__name__} {e})") from None
-    return clean_keys(state_dict), spec, ModelSpec.missing_from_dict(metadata)
-
-
-def build_trained(state_dict: dict, spec: ModelSpec, source) -> torch.nn.Module:
-    """The network `spec` describes with its trained weights, in eval mode; or a one-line UsageError."""
-    model = spec.build()
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise UsageError(f"the weights in {source} do not fit {spec.arch} (cifar_stem {spec.cifar_stem}): "
-                         f"{lines[1].strip() if len(lines) > 1 else lines[0]}") from None
-    return model.eval()
-
-
-def _read_model_file(path: Path) -> tuple:
-    if not path.is_file():
-        raise UsageError(f"model file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} is not a readable model file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-
 
 # ---------------------------------------------------------------------------
 # Full training state for exact resume: checkpoints/<name>/ holds Accelerate's
@@ -99,7 +27,6 @@ def _read_model_file(path: Path) -> tuple:
 # (counters, best metric, metrics history, partial epoch totals), the best weights
 # so far, and manifest.json (size and sha256 of every file), written last.
 
-TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 
 
@@ -250,6 +177,7 @@ class Checkpointer:
         try:
             self.accelerator.load_state(str(folder))
         except (RuntimeError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:  # e.g. a shape mismatch
-            raise CheckpointError(f"checkpoint {folder} could not be loaded: {str(e).splitlines()[0]}") from None
-        extra = {p.stem: clean_keys(load_file(str(p))) for p in folder.glob("*.safetensors") if p.name != MODEL_FILE}
+            raise CheckpointError(f"checkpoint {folder} could not be loaded: {first_line(e)}") from None
+        extra = {p.stem: clean_keys(load_file(str(p))) for p in folder.glob("*.safetensors")
+                 if p.name != CHECKPOINT_WEIGHTS}
         return saved, extra

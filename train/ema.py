@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from train.checkpoint import cpu_copy
+from train.model_files import cpu_copy
 
 
 class EMA:

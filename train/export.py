@@ -29,7 +29,7 @@ import torch
 
 from train import hub, run_dir
 from train.augment import BatchTransform
-from train.checkpoint import build_trained, load_model
+from train.model_files import build_trained, load_model
 from train.errors import UsageError, report_usage_error
 from train.files import atomic_write
 

@@ -17,67 +17,12 @@ import shutil
 from pathlib import Path
 
 from train import run_dir
-from train.errors import UsageError
+from train.errors import UsageError, first_line
 from train.paths import is_hub_id
+from train.model_files import CARD, CONFIG_JSON, hub_config, load_model
 from train.models import ModelSpec
 
-CONFIG_JSON, CARD = "config.json", "README.md"
-FORMAT = "cifar-accelerate"  # config.json's "model_format": a folder this project wrote
 FIGURES = ("loss.png", "accuracy.png", "confusion_matrix.png")
-PREFIX = "hf://"
-
-
-# ---- config.json: the model record, in the Hub's vocabulary -----------------------------------
-
-def hub_config(spec: ModelSpec) -> dict:
-    names = list(spec.class_names)
-    return {"model_format": FORMAT, "library": "torchvision", "architecture": spec.arch,
-            "num_classes": len(names), "id2label": {str(i): n for i, n in enumerate(names)},
-            "label2id": {n: i for i, n in enumerate(names)}, "image_size": spec.image_size,
-            "decode_size": spec.decode_size or spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
-            "cifar_stem": spec.cifar_stem}
-
-
-def spec_from_hub_config(config: dict, source) -> ModelSpec:
-    try:
-        labels = config["id2label"]
-        names = [labels[str(i)] for i in range(int(config["num_classes"]))]
-        return ModelSpec(config["architecture"], tuple(names), bool(config["cifar_stem"]), int(config["image_size"]),
-                         tuple(config["mean"]), tuple(config["std"]), int(config["decode_size"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{source} is not a model folder of this project ({type(e).__name__} {e})") from None
-
-
-def is_hub_folder(path: Path) -> bool:
-    try:
-        return json.loads((Path(path) / CONFIG_JSON).read_text()).get("model_format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_hub_folder(path: Path) -> ModelSpec:
-    return spec_from_hub_config(json.loads((Path(path) / CONFIG_JSON).read_text()), path)
-
-
-# ---- hf://REPO_ID[@REVISION] -------------------------------------------------------------------
-
-def download(ref: str) -> Path:
-    """The local folder of hf://REPO_ID[@REVISION]: downloaded through huggingface_hub, or its cached copy
-    when offline (HF_HUB_OFFLINE=1, or no network); a one-line UsageError otherwise."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
-
-    repo, _, revision = ref[len(PREFIX):].partition("@")
-    if not repo or repo.count("/") > 1:
-        raise UsageError(f"{ref}: expected hf://REPO_ID or hf://REPO_ID@REVISION")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None,
-                                      allow_patterns=[run_dir.MODEL, CONFIG_JSON, CARD]))
-    except LocalEntryNotFoundError:
-        raise UsageError(f"{ref} is not in the Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or 'default'})"
-                         " and the Hub cannot be reached: download it where there is network") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise UsageError(f"{ref}: {str(e).splitlines()[0]}") from None
 
 
 # ---- the folder and its card --------------------------------------------------------------------
@@ -85,8 +30,6 @@ def download(ref: str) -> Path:
 def write_folder(run: Path, out: Path, dataset_id: str = "", repo_id: str = "") -> None:
     """Write the Hub model folder of a finished run; a folder already there is not touched."""
     import yaml
-
-    from train.checkpoint import load_model
 
     for name in (run_dir.SUMMARY, run_dir.CONFIG, run_dir.MODEL):
         if not (run / name).is_file():
@@ -183,6 +126,5 @@ def push(folder: Path, repo_id: str, private: bool = False) -> str:
         return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                      commit_message="Upload model from cifar-accelerate"))
     except Exception as e:  # offline, no credentials, no permission: huggingface_hub's and requests' errors
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"could not push {folder} to {repo_id}: {first} (the folder is written and intact; "
+        raise UsageError(f"could not push {folder} to {repo_id}: {first_line(e)} (the folder is written and intact; "
                          f"push it later with --push-to-hub or `hf upload {repo_id} {folder}`)") from None

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from train import decode
 from train.augment import BatchTransform
-from train.checkpoint import build_trained, load_model
+from train.model_files import build_trained, load_model
 from train.errors import UsageError, report_usage_error
 from train.files import dumps
 
@@ -148,7 +148,8 @@ def confusion_lines(matrix, class_names: list, path) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="run folder, model.safetensors or checkpoint folder")
+    parser.add_argument("model", help="run folder, model.safetensors, checkpoint folder, Hub model folder or "
+                                       "hf://REPO_ID[@REVISION]")
     parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
     parser.add_argument("--dataset", default="", help="a Hugging Face dataset (hub id or local folder) instead")
     parser.add_argument("--split", default="test", help="its split (default: test)")

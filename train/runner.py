@@ -14,11 +14,12 @@ from accelerate import Accelerator
 
 from train import preemption, progress, report, run_dir, study, tracking
 from train.augment import BatchTransform
-from train.checkpoint import Checkpointer, build_trained, cpu_state_dict, load_model, save_model
+from train.checkpoint import Checkpointer
+from train.model_files import build_trained, cpu_state_dict, load_model, save_model
 from train.config import CUDA_GRAPH_MODES, Config
 from train.data import load_image_data, make_loader
 from train.ema import EMA
-from train.errors import PeerTimeout, UsageError
+from train.errors import PeerTimeout, UsageError, first_line
 from train.failpoints import delay, failpoint
 from train.loop import Hooks, LoopConfig, Parts, Stop, TrainState, evaluate, fit
 from train.metrics import classification_metrics
@@ -336,7 +337,7 @@ def side_group(cfg: Config):
         try:
             _side_group = (world, torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=seconds)))
         except RuntimeError as e:  # gloo binds the address the hostname resolves to, unless told otherwise
-            raise UsageError(f"the processes could not connect over gloo ({str(e).strip().splitlines()[0]}): set "
+            raise UsageError(f"the processes could not connect over gloo ({first_line(e)}): set "
                              f"GLOO_SOCKET_IFNAME to the network interface the nodes reach each other on") from None
     return _side_group[1]
 
