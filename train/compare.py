@@ -13,17 +13,14 @@ from pathlib import Path
 
 from train import run_dir
 from train.errors import UsageError, report_usage_error
+from train.report import pyplot
 from train.sweep_summary import history, markdown, run_row
 
 PANELS = (("loss", "train_loss", "val_loss"), ("accuracy", "train_acc", "val_acc"), ("macro-F1", None, "val_f1_macro"))
 
 
 def plot(runs: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for ax, (title, train_key, val_key) in zip(axes, PANELS):
         for i, run in enumerate(runs):

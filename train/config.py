@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import yaml
 
-from train.errors import UsageError, did_you_mean
+from train.errors import UsageError, did_you_mean, first_line
 
 
 # torch.compile modes whose inductor output replays CUDA graphs.
@@ -41,7 +41,8 @@ class Config:
                                     "(--no-gpu-resident: pinned host memory, copied per batch)")
     skip_bad_images: bool = _opt(False, "leave out rows whose image cannot be decoded (counted in summary.json) "
                                         "instead of stopping")
-    num_workers: int = _opt(0, "DataLoader workers (the decoded-tensor pipeline needs none)")
+    num_workers: int = _opt(0, "DataLoader worker processes that cut the batches (0: this process does; the "
+                               "batches are slices of the decoded tensors, which workers only copy once more)")
     decode_cache: str = _opt(os.environ.get("CIFAR_ACCELERATE_CACHE", "~/.cache/cifar-accelerate"),
                              "folder of decoded images, keyed by the dataset's fingerprint ('off': decode every run)")
     # model
@@ -102,7 +103,8 @@ class Config:
     sweep_dir: str = _opt("", "set by python -m train.sweep: the sweep folder whose study this run reports to")
     trial_number: int = _opt(-1, "set by python -m train.sweep: this run's trial in that study")
     eval_only: bool = _opt(False, "only evaluate --checkpoint on the test split")
-    checkpoint: str = _opt("", "with --eval-only: a model.safetensors file or a run folder holding one")
+    checkpoint: str = _opt("", "with --eval-only: a run folder, model.safetensors, checkpoint folder, Hub model "
+                               "folder or hf://REPO_ID[@REVISION]")
 
     # Options the user gave (command line or --config), as opposed to defaults; not an option itself.
     given: ClassVar[frozenset] = frozenset()
@@ -264,17 +266,25 @@ def _truth(text: str) -> bool:
     raise UsageError(f"expected true or false, got {text!r} (see --help)")
 
 
-def load_yaml_options(path: str) -> dict:
-    """Read a config file into {field name: value}, refusing unknown keys and wrong types."""
+def load_yaml_mapping(path: str, kind: str, holds: str, empty_ok: bool = True) -> dict:
+    """The mapping a YAML file (a config file, a sweep file) holds; every problem is one UsageError."""
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"config file {path} does not exist")
+        raise UsageError(f"{kind} {path} does not exist")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{kind} {path} is not valid YAML: {first_line(e)}") from None
+    if raw is None and empty_ok:
+        return {}
     if not isinstance(raw, dict):
-        raise UsageError(f"config file {path} must hold a mapping of option: value")
+        raise UsageError(f"{kind} {path} must hold a mapping ({holds})")
+    return raw
+
+
+def load_yaml_options(path: str) -> dict:
+    """Read a config file into {field name: value}, refusing unknown keys and wrong types."""
+    raw = load_yaml_mapping(path, "config file", "option: value")
     types = {f.name: f.type for f in fields(Config)}
     options = {}
     for key, value in raw.items():

@@ -6,6 +6,7 @@ pass. Augmentation then runs per batch on the training device (train/augment.py)
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def load_image_data(cfg) -> ImageData:
                                        random_state=cfg.seed)
     except ValueError as e:  # more images asked for than there are, or too few for every class
         raise UsageError(f"cannot split {len(train)} training images as asked (--val-size/--val-images/"
-                         f"--train-images): {str(e).splitlines()[0]}") from None
+                         f"--train-images): {first_line(e)}") from None
     if not held_out:
         (train,) = train.split([rest])
         return ImageData(train, test, test, class_names, "the test split (--val-size 0)", skipped,
@@ -272,7 +273,7 @@ def _write_to_cache(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)
     except OSError as e:  # a read-only or full disk costs the next run a decode, nothing more
-        print(f"warning: could not write the decode cache {path}: {e}", flush=True)
+        print(f"warning: could not write the decode cache {path}: {e}", file=sys.stderr, flush=True)
 
 
 class _Indices(Dataset):

@@ -5,8 +5,14 @@ import difflib
 import os
 import sys
 
+# Every exit status of this project's commands (the README's table).
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # training stopped by a non-finite loss (train/loop.py)
+EXIT_IO = 74  # EX_IOERR from sysexits.h: a full, read-only or forbidden disk
+# EX_TEMPFAIL from sysexits.h, "try again later": stopped by a signal at a checkpoint (train/preemption.py).
+# `accelerate launch` turns every non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 
 class UsageError(Exception):
@@ -26,8 +32,6 @@ def report_usage_error(error: UsageError) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
     return EXIT_USAGE
 
-
-EXIT_IO = 74  # EX_IOERR from sysexits.h
 
 
 def report_write_error(error: OSError) -> int:

@@ -3,16 +3,16 @@
 `listen()` runs first thing in every training process, so a signal during data loading is kept,
 not fatal. The handler only records the signal; `requested()` reads it. The training loop agrees
 the processes' requests at its sync steps (train/loop.py), so all stop at the same step; the
-caller then writes a checkpoint and exits with EXIT_PREEMPTED.
+caller then writes a checkpoint and exits with errors.EXIT_PREEMPTED.
 
 Under Slurm, slurm/common.sh sets CIFAR_ACCELERATE_PID_DIR: each training process writes its pid
 there, so the batch script signals exactly the training processes, whatever the launch command.
 
-Ctrl-C (SIGINT) is a stop signal too, once there is work to save (training has begun): `accelerate launch` passes it on as SIGTERM
-(one process) or SIGINT (torchrun, several), and a terminal sends it to `python train/main.py`. Before
-training there is nothing to save, and a second Ctrl-C means "now": both stop the process at once, with
-one line and status 130. The single-process launcher kills its child 5 s after Ctrl-C; one process stops
-at the very next step, so its checkpoint is written within them.
+Ctrl-C (SIGINT) is a stop signal too, once there is work to save (training has begun): `accelerate
+launch` passes it on as SIGTERM (one process) or SIGINT (torchrun, several), and a terminal sends it to
+`python train/main.py`. Before training there is nothing to save, and a second Ctrl-C means "now": both
+stop the process at once, with one line and status 130. The single-process launcher kills its child 5 s
+after Ctrl-C; one process stops at the very next step, so its checkpoint is written within them.
 
 A sweep worker sets CIFAR_ACCELERATE_STOP_WITH to itself: a training process whose worker is gone (SIGKILL,
 the OOM killer) stops as if it got SIGTERM, at a checkpoint, instead of training on alone (train/sweep.py).
@@ -28,11 +28,8 @@ import time
 from pathlib import Path
 
 from train import progress
+from train.errors import EXIT_INTERRUPTED
 
-# EX_TEMPFAIL from sysexits.h: "try again later". `accelerate launch` turns every
-# non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
-EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PID_DIR_ENV = "CIFAR_ACCELERATE_PID_DIR"
 STOP_WITH_ENV = "CIFAR_ACCELERATE_STOP_WITH"  # "pid:start time" of the process whose end stops this one

@@ -14,10 +14,9 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 
 from train import run_dir, runner, tracking
 from train.config import Config
-from train.errors import EXIT_DIVERGED, UsageError
+from train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, UsageError
 from train.loop import Diverged, Stop, TrainState
 from train.models import ModelSpec
-from train.preemption import EXIT_PREEMPTED
 from train.report import PRECISION
 
 

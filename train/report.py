@@ -3,19 +3,25 @@
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # compute nodes have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from train.metrics import one_class  # noqa: E402
+from train.metrics import one_class
 
 PRECISION = {"no": "fp32"}  # Accelerate's name for no mixed precision
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files: imported where plots are made, not by every process at start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # compute nodes have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(path: Path, history: list, best_epoch: int) -> None:
+    plt = pyplot()
     for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),
                                ("accuracy.png", ("train_acc", "val_acc"), "accuracy")):
         fig = curve_figure(history, keys, ylabel, best_epoch)
@@ -24,8 +30,10 @@ def plot_curves(path: Path, history: list, best_epoch: int) -> None:
 
 
 def curve_figure(history: list, keys: tuple, ylabel: str, best_epoch: int):
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for key in keys:
         ax.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_", " "))
     if best_epoch:
@@ -42,7 +50,7 @@ def curve_figure(history: list, keys: tuple, ylabel: str, best_epoch: int):
 
 
 def plot_confusion(path: Path, matrix: list, class_names: list) -> None:
-    cm = np.asarray(matrix)
+    plt, cm = pyplot(), np.asarray(matrix)
     size = max(5, 0.6 * len(class_names))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")

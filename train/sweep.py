@@ -40,9 +40,8 @@ from pathlib import Path
 
 from train import preemption, run_dir, study
 from train.config import build_parser, parse_config
-from train.errors import EXIT_DIVERGED, EXIT_USAGE, UsageError, report_usage_error
+from train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, UsageError, report_usage_error
 from train.failpoints import failpoint
-from train.preemption import EXIT_PREEMPTED
 from train.sweep_config import load_sweep
 
 STOP_GRACE = 120  # seconds a dead worker's training gets to stop at a checkpoint before the next worker kills it

@@ -15,14 +15,10 @@ file and the parameter.
 """
 
 import dataclasses
-import difflib
 import math
-from pathlib import Path
 
-import yaml
-
-from train.config import Config
-from train.errors import UsageError
+from train.config import Config, load_yaml_mapping
+from train.errors import UsageError, did_you_mean
 
 METHODS = ("grid", "random", "bayes")
 # The keys the project logs per epoch (tracking.epoch_values), and the epoch record's name for each.
@@ -114,16 +110,8 @@ class Sweep:
 
 def load_sweep(path: str) -> Sweep:
     """Read and check a sweep file; every problem is one UsageError naming the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"sweep file {path} must hold a mapping (method, metric, parameters, ...)")
-    return parse_sweep(raw, path)
+    return parse_sweep(load_yaml_mapping(path, "sweep file", "method, metric, parameters, ...", empty_ok=False),
+                       path)
 
 
 def parse_sweep(raw: dict, path: str = "<sweep>") -> Sweep:
@@ -252,5 +240,4 @@ def _early_terminate(spec, fail) -> tuple:
 
 
 def _hint(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3)
-    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
+    return did_you_mean(name, known).lstrip("; ") or f"known: {', '.join(sorted(known))}"

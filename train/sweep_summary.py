@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from train import run_dir
-from train.errors import UsageError, report_usage_error
+from train.errors import UsageError, first_line, report_usage_error
+from train.report import pyplot
 
 COLUMNS = ["run", "arch", "lr", "batch_size", "state", "epochs", "best_epoch", "best_val_f1_macro", "test_acc",
            "test_f1_macro", "wall_seconds"]
@@ -84,11 +85,7 @@ def write_table(folder: Path, text: str, rows: list, columns: list) -> None:
 
 
 def plot(runs: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         records = history(run)
@@ -173,9 +170,7 @@ def _parameters(trial) -> str:
 
 def search_plots(folder: Path, s, sweep, histories: dict) -> tuple:
     """The three plots: (the files written, notes on those not drawn: too few complete trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    pyplot()  # headless, before Optuna's plots import it
     complete = sum(t.state.name == "COMPLETE" for t in s.get_trials(deepcopy=False))
     written, notes = [], []
     for name, need in PLOT_MIN_COMPLETE.items():
@@ -194,7 +189,6 @@ def _optuna_plot(path: Path, s) -> str:
     """Draw Optuna's optimisation history or parameter importances (by the file's name); "" or why not."""
     import warnings
 
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     draw = {"sweep_history.png": optuna_plots.plot_optimization_history,
@@ -208,15 +202,14 @@ def _optuna_plot(path: Path, s) -> str:
         ax.figure.savefig(path, dpi=100)
         return ""
     except (ValueError, RuntimeError) as e:
-        return f"{path.name} not drawn: {str(e).splitlines()[0]}"
+        return f"{path.name} not drawn: {first_line(e)}"
     finally:
-        plt.close("all")
+        pyplot().close("all")
 
 
 def _curves(path: Path, s, sweep, histories: dict) -> None:
     """Every trial's validation metric per epoch, pruned trials dashed and marked where they stopped."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in s.get_trials(deepcopy=False):
         records = histories.get(t.number)
