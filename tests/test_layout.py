@@ -42,3 +42,10 @@ def test_every_module_is_on_the_package_map_and_in_the_readme():
     in_layout = set(re.findall(r"`(?:train/)?(\w+)(?:\.py)?`", layout))
     assert not modules - package_map, f"not on train/__init__.py's map: {sorted(modules - package_map)}"
     assert not modules - in_layout, f"not in the README's layout: {sorted(modules - in_layout)}"
+
+
+def test_no_function_is_longer_than_50_lines():
+    long = [f"{p.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in sorted(ROOT.glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50]
+    assert not long, long

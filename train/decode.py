@@ -118,24 +118,14 @@ CHUNK_BYTES = 4 << 20  # and at most this many bytes of decoded (and of encoded)
 
 
 def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out: np.ndarray) -> list:
-    """Decode `chunks` of `raw` into `out` with `workers` worker processes; [(row, error text)].
-
-    The workers are fresh interpreters running _serve (subprocess: fork and exec in C, which is safe in a
-    multi-threaded process, unlike os.fork, which multiprocessing's "fork" uses and Python 3.12 warns about).
-    Not multiprocessing's "forkserver" or "spawn": every one of their workers re-runs the main script
-    (train/main.py, a benchmark), its PyTorch import and all, seconds a worker, since the fork server's
-    "__main__" preload did nothing until CPython gh-126631 was fixed (3.14; 3.13 in 2025). These import
-    only numpy, PIL and this module.
+    """Decode `chunks` of `raw` into `out` with `workers` worker processes (_with_workers); [(row, error text)].
 
     One thread per worker hands it one chunk at a time, its encoded images pickled, and reads the decoded
     chunk straight into its rows of `out`: in flight, per worker, one task here and the task and its
     decoded chunk in the worker."""
     import pickle
-    import subprocess
     import threading
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where this `train` package is
-    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); import train.decode as d; d._serve()"]
     todo, lock, failures, errors = iter(chunks), threading.Lock(), [], []
 
     def feed(worker):
@@ -157,9 +147,30 @@ def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out:
             except OSError:  # it is gone already
                 pass
 
+    codes = _with_workers(workers, feed)
+    if errors:
+        raise RuntimeError(f"a decode worker failed (exit statuses {codes}; its error, if any, is above): "
+                           f"{type(errors[0]).__name__}: {errors[0]}")
+    return failures
+
+
+def _with_workers(n: int, feed) -> list:
+    """Start `n` decode workers, run feed(worker) in a thread for each, and return their exit statuses; if this
+    process is interrupted meanwhile, kill them first.
+
+    The workers are fresh interpreters running _serve, started with subprocess (fork and exec in C: safe in a
+    multi-threaded process, unlike the os.fork of multiprocessing's "fork", which Python 3.12 warns about).
+    Not multiprocessing's "spawn" or "forkserver": their workers re-import the main script (train/main.py, a
+    benchmark) and so PyTorch, seconds a worker (spawn always, forkserver on Python 3.10 to 3.12, which this
+    project supports). These import only numpy, PIL and this module."""
+    import subprocess
+    import threading
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where this `train` package is
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); import train.decode as d; d._serve()"]
     pool = []
     try:
-        for _ in range(workers):
+        for _ in range(n):
             pool.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         threads = [threading.Thread(target=feed, args=(worker,), daemon=True) for worker in pool]
         for thread in threads:
@@ -172,10 +183,7 @@ def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out:
         raise
     finally:
         codes = [worker.wait() for worker in pool]
-    if errors:
-        raise RuntimeError(f"a decode worker failed (exit statuses {codes}; its error, if any, is above): "
-                           f"{type(errors[0]).__name__}: {errors[0]}")
-    return failures
+    return codes
 
 
 def _serve() -> None:

@@ -264,12 +264,7 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
         state.partial, state.partial_seconds = [], 0.0
     running = _Running(accelerator, _resumed_totals(state.partial, accelerator), state.step)
     remainder = _last_round(parts.train_loader)
-    batches = _batches(parts, state)
-    # A live bar at a terminal only; elsewhere the run prints plain lines (train/progress.py).
-    screen = progress.terminal()
-    bar = tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{loop.epochs}", file=screen,
-               disable=not (accelerator.is_main_process and screen))
+    batches, bar = _batches(parts, state), _bar(parts, loop, state)
     start, stop = time.perf_counter() - state.partial_seconds, None  # None: still running
 
     def sync(requested: bool = False) -> bool:
@@ -290,25 +285,8 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
             state.step += 1
             running.step += 1
             hooks.on_step(state)
-            log = state.step % loop.log_every == 0
-            save = bool(loop.checkpoint_every) and state.step % loop.checkpoint_every == 0
-            # One process can stop at any step; several only at the sync steps, so that all stop at the same one.
-            alone_and_asked = accelerator.num_processes == 1 and hooks.stop_requested()
-            if log or save or alone_and_asked:
-                asked = sync(hooks.stop_requested())
-                if log:
-                    total = sum(state.partial, Totals())
-                    values = {"train/loss": total.loss, "train/lr": lr(),
-                              "train/images_per_second": total.seen / max(1e-9, state.partial_seconds)}
-                    bar.set_postfix(loss=f"{total.loss:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
-                    hooks.on_log(state, values)
-                if asked:  # the caller writes the checkpoint a stop needs
-                    stop = Stop.SIGNAL
-                    break
-                if save:
-                    hooks.on_checkpoint(state)
-            if loop.max_steps and state.step >= loop.max_steps:
-                stop = Stop.MAX_STEPS
+            stop = _after_step(parts, loop, state, hooks, sync, bar)
+            if stop:
                 break
         sync()  # the epoch's totals, and a divergence in its last steps
         stop = stop or Stop.FINISHED
@@ -317,6 +295,37 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
             batches.end()  # leaving a prepared loader early must unregister it from Accelerate's gradient state
         bar.close()
     return Epoch(sum(state.partial, Totals()), time.perf_counter() - start, stop)
+
+
+def _bar(parts: Parts, loop: LoopConfig, state: TrainState):
+    """A live bar at a terminal only, on the main process; elsewhere the run prints plain lines (train/progress.py)."""
+    screen = progress.terminal()
+    return tqdm(total=len(parts.train_loader), initial=state.batch_in_epoch, leave=False, dynamic_ncols=True,
+                desc=f"epoch {state.epoch + 1}/{loop.epochs}", file=screen,
+                disable=not (parts.accelerator.is_main_process and screen))
+
+
+def _after_step(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks, sync, bar) -> Stop | None:
+    """The decision after an optimizer step: at the steps that log, checkpoint, or where a lone process was asked
+    to stop, `sync` agrees every process's numbers and stop requests; then log, stop or checkpoint, in that order.
+    Returns why training stops here (SIGNAL: the caller writes the checkpoint; MAX_STEPS), or None to go on."""
+    log = state.step % loop.log_every == 0
+    save = bool(loop.checkpoint_every) and state.step % loop.checkpoint_every == 0
+    # One process can stop at any step; several only at the sync steps, so that all stop at the same one.
+    alone_and_asked = parts.accelerator.num_processes == 1 and hooks.stop_requested()
+    if log or save or alone_and_asked:
+        asked = sync(hooks.stop_requested())
+        if log:
+            total = sum(state.partial, Totals())
+            values = {"train/loss": total.loss, "train/lr": parts.optimizer.param_groups[0]["lr"],
+                      "train/images_per_second": total.seen / max(1e-9, state.partial_seconds)}
+            bar.set_postfix(loss=f"{total.loss:.4f}", img_s=f"{values['train/images_per_second']:.0f}")
+            hooks.on_log(state, values)
+        if asked:
+            return Stop.SIGNAL
+        if save:
+            hooks.on_checkpoint(state)
+    return Stop.MAX_STEPS if loop.max_steps and state.step >= loop.max_steps else None
 
 
 def _resumed_totals(partial: list, accelerator: Accelerator) -> Totals:
