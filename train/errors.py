@@ -27,6 +27,14 @@ class PeerTimeout(UsageError):
     every_rank = True
 
 
+def exit_status(command) -> int:
+    """command()'s exit status; bad input (a UsageError) is one line on stderr and EXIT_USAGE."""
+    try:
+        return command()
+    except UsageError as e:
+        return report_usage_error(e)
+
+
 def report_usage_error(error: UsageError) -> int:
     if error.every_rank or os.environ.get("RANK", "0") == "0":
         print(f"error: {error}", file=sys.stderr, flush=True)

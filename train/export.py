@@ -29,8 +29,8 @@ import torch
 
 from train import hub, run_dir
 from train.augment import BatchTransform
-from train.model_files import build_trained, load_model
-from train.errors import UsageError, report_usage_error
+from train.model_files import add_model_argument, build_trained, load_model
+from train.errors import UsageError, exit_status
 from train.files import atomic_write
 
 OPSET = 18
@@ -166,8 +166,7 @@ def run_hub(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="run folder, model.safetensors, checkpoint folder, Hub model folder or "
-                                      "hf://REPO_ID[@REVISION] (--hub: a finished run folder)")
+    add_model_argument(parser, "; --hub needs a finished run folder")
     parser.add_argument("--onnx", default="", help="the ONNX file to write")
     parser.add_argument("--dataset", default="", help="check on this dataset's images (default: the run's dataset)")
     parser.add_argument("--split", default="test")
@@ -182,15 +181,15 @@ def main(argv=None) -> int:
     hub_options.add_argument("--push-to-hub", default="", metavar="REPO_ID", help="then upload the folder to this "
                              "Hub model repository (huggingface_hub; `hf auth login` first)")
     hub_options.add_argument("--private", action="store_true", help="create the repository private")
-    try:
-        args = parser.parse_args(argv)
-        if bool(args.onnx) == bool(args.hub):
-            raise UsageError("give --onnx FILE or --hub DIR (one of them)")
-        if args.push_to_hub and not args.hub:
-            raise UsageError("--push-to-hub needs --hub DIR: the folder to write and upload")
-        return run(args)
-    except UsageError as e:
-        return report_usage_error(e)
+    return exit_status(lambda: run(checked(parser.parse_args(argv))))
+
+
+def checked(args):
+    if bool(args.onnx) == bool(args.hub):
+        raise UsageError("give --onnx FILE or --hub DIR (one of them)")
+    if args.push_to_hub and not args.hub:
+        raise UsageError("--push-to-hub needs --hub DIR: the folder to write and upload")
+    return args
 
 
 if __name__ == "__main__":

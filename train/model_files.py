@@ -49,6 +49,11 @@ MODEL_KINDS = ("a run folder (model.safetensors), a model.safetensors, a checkpo
                "a Hub model folder (config.json, from train.export --hub) or hf://REPO_ID[@REVISION]")
 
 
+def add_model_argument(parser, also: str = "") -> None:
+    """The MODEL positional argument of the commands that use a trained model (predict, export)."""
+    parser.add_argument("model", help=f"{MODEL_KINDS}{also}")
+
+
 def load_model(path) -> tuple:
     """Return (state_dict, ModelSpec, names of the spec's fields the file did not record) from any MODEL
     argument (MODEL_KINDS); or a one-line UsageError. Every kind gives the same model for the same weights."""

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from train import decode
 from train.augment import BatchTransform
-from train.model_files import build_trained, load_model
-from train.errors import UsageError, report_usage_error
+from train.model_files import add_model_argument, build_trained, load_model
+from train.errors import UsageError, exit_status
 from train.files import dumps
 
 
@@ -148,8 +148,7 @@ def confusion_lines(matrix, class_names: list, path) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="run folder, model.safetensors, checkpoint folder, Hub model folder or "
-                                       "hf://REPO_ID[@REVISION]")
+    add_model_argument(parser)
     parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
     parser.add_argument("--dataset", default="", help="a Hugging Face dataset (hub id or local folder) instead")
     parser.add_argument("--split", default="test", help="its split (default: test)")
@@ -157,15 +156,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="CSV file (default: stdout)")
     parser.add_argument("--metrics", default="", help="with a labelled --dataset: also write the metrics here")
     parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args(argv)
-    try:
-        if bool(args.inputs) == bool(args.dataset):
-            raise UsageError("give image files or folders, or --dataset (not both)")
-        if args.top_k < 1 or args.batch_size < 1:
-            raise UsageError("--top-k and --batch-size must be positive")
-        return run(args)
-    except UsageError as e:
-        return report_usage_error(e)
+    return exit_status(lambda: run(checked(parser.parse_args(argv))))
+
+
+def checked(args):
+    if bool(args.inputs) == bool(args.dataset):
+        raise UsageError("give image files or folders, or --dataset (not both)")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UsageError("--top-k and --batch-size must be positive")
+    return args
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ def pyplot():
     return plt
 
 
+def save_plot(fig, ax, path: Path, legend_size=None) -> None:
+    """A figure's finish: a light grid, a legend where there are lines, then written to `path` and closed."""
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 def plot_curves(path: Path, history: list, best_epoch: int) -> None:
     plt = pyplot()
     for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),

@@ -22,7 +22,7 @@ import yaml
 
 from train import run_dir
 from train.errors import UsageError, first_line, report_usage_error
-from train.report import pyplot
+from train.report import pyplot, save_plot
 
 COLUMNS = ["run", "arch", "lr", "batch_size", "state", "epochs", "best_epoch", "best_val_f1_macro", "test_acc",
            "test_f1_macro", "wall_seconds"]
@@ -92,12 +92,7 @@ def plot(runs: list, path: Path) -> None:
         if records:
             ax.plot([r["epoch"] for r in records], [r["val_f1_macro"] for r in records], marker=".", label=run.name)
     ax.set(xlabel="epoch", ylabel="validation macro-F1", title=f"sweep {path.parent.name}")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, legend_size=7)
 
 
 def summarise(folder: Path) -> list:
@@ -221,12 +216,7 @@ def _curves(path: Path, s, sweep, histories: dict) -> None:
         if pruned:
             ax.plot(epochs[-1], values[-1], marker="x", markersize=10, color=line.get_color())
     ax.set(xlabel="epoch", ylabel=sweep.metric, title=f"{path.parent.name}: validation per trial (x: pruned)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, legend_size=7)
 
 
 def summarise_search(folder: Path) -> tuple:
