@@ -14,7 +14,7 @@ from pathlib import Path
 from train import run_dir
 from train.errors import UsageError, report_usage_error
 from train.report import pyplot
-from train.sweep_summary import history, markdown, run_row
+from train.runs_table import history, markdown, run_row
 
 PANELS = (("loss", "train_loss", "val_loss"), ("accuracy", "train_acc", "val_acc"), ("macro-F1", None, "val_f1_macro"))
 

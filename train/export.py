@@ -78,12 +78,10 @@ def check_images(args, spec) -> torch.Tensor:
 
 
 def _run_dataset(model_path: str) -> str:
-    config = Path(model_path) / run_dir.CONFIG
-    if not config.is_file():
+    config = run_dir.read_config(Path(model_path))
+    if not config:
         raise UsageError("give --dataset or --images: real images to check the exported model on")
-    import yaml
-
-    return yaml.safe_load(config.read_text())["dataset"]
+    return config["dataset"]
 
 
 class Check(NamedTuple):

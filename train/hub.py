@@ -22,29 +22,25 @@ from train.paths import is_hub_id
 from train.model_files import CARD, CONFIG_JSON, hub_config, load_model
 from train.models import ModelSpec
 
-FIGURES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 
 
 # ---- the folder and its card --------------------------------------------------------------------
 
 def write_folder(run: Path, out: Path, dataset_id: str = "", repo_id: str = "") -> None:
     """Write the Hub model folder of a finished run; a folder already there is not touched."""
-    import yaml
-
     for name in (run_dir.SUMMARY, run_dir.CONFIG, run_dir.MODEL):
         if not (run / name).is_file():
             raise UsageError(f"--hub needs a finished run folder: {run} has no {name}")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty: give a new folder (nothing was written)")
     _, spec, _ = load_model(run)
-    summary = json.loads((run / run_dir.SUMMARY).read_text())
-    config = yaml.safe_load((run / run_dir.CONFIG).read_text())
+    summary, config = run_dir.read_summary(run), run_dir.read_config(run)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(run / run_dir.MODEL, tmp / run_dir.MODEL)
     shutil.copy2(run / run_dir.CONFIG, tmp / run_dir.CONFIG)
-    figures = [f for f in FIGURES if (run / f).is_file()]
+    figures = [f for f in run_dir.FIGURES if (run / f).is_file()]
     for f in figures:
         shutil.copy2(run / f, tmp / f)
     (tmp / CONFIG_JSON).write_text(json.dumps(hub_config(spec), indent=2) + "\n")

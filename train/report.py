@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train import run_dir
 from train.metrics import one_class
 
 PRECISION = {"no": "fp32"}  # Accelerate's name for no mixed precision
@@ -32,8 +33,8 @@ def save_plot(fig, ax, path: Path, legend_size=None) -> None:
 
 def plot_curves(path: Path, history: list, best_epoch: int) -> None:
     plt = pyplot()
-    for name, keys, ylabel in (("loss.png", ("train_loss", "val_loss"), "loss"),
-                               ("accuracy.png", ("train_acc", "val_acc"), "accuracy")):
+    for name, keys, ylabel in ((run_dir.LOSS_PLOT, ("train_loss", "val_loss"), "loss"),
+                               (run_dir.ACCURACY_PLOT, ("train_acc", "val_acc"), "accuracy")):
         fig = curve_figure(history, keys, ylabel, best_epoch)
         fig.savefig(path / name, dpi=100)
         plt.close(fig)
@@ -73,7 +74,7 @@ def plot_confusion(path: Path, matrix: list, class_names: list) -> None:
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path / "confusion_matrix.png", dpi=100)
+    fig.savefig(path / run_dir.CONFUSION_PLOT, dpi=100)
     plt.close(fig)
 
 
@@ -155,7 +156,7 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
         lines += _epoch_log(history, summary["best_epoch"])
     figures = (["loss", "accuracy"] if history else []) + ["confusion_matrix"]
     lines += ["", "## Figures", ""] + [f"![{name.replace('_', ' ')}]({name}.png)\n" for name in figures]
-    (path / "report.md").write_text("\n".join(lines))
+    (path / run_dir.REPORT).write_text("\n".join(lines))
 
 
 def _epoch_log(history: list, best_epoch: int) -> list:

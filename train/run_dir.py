@@ -14,6 +14,9 @@ from train.files import atomic_write, dumps
 # The run folder's file names, used by every module that reads or writes one (slurm/common.sh repeats
 # PREEMPTED; tests/test_slurm_scripts.py checks it).
 CONFIG, METRICS, SUMMARY, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
+REPORT = "report.md"
+LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT = "loss.png", "accuracy.png", "confusion_matrix.png"
+FIGURES = (LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT)
 CHECKPOINTS, MARKER = "checkpoints", "PREEMPTED"
 
 
@@ -46,6 +49,20 @@ def write_config(path: Path, config: dict, env: dict) -> None:
     # `environment` is informative; --config ignores it, so the file can be fed back as is.
     text = yaml.safe_dump(config, sort_keys=False) + yaml.safe_dump({"environment": env}, sort_keys=False)
     (path / CONFIG).write_text(text)
+
+
+def read_config(path: Path) -> dict:
+    """The options a run was started with (config.yaml; its `environment` too), or {} if it has none."""
+    file = path / CONFIG
+    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+
+
+def read_summary(path: Path) -> dict | None:
+    """summary.json of a finished run, or None (not finished, or unreadable)."""
+    try:
+        return json.loads((path / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_metrics(path: Path, history: list) -> None:

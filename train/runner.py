@@ -247,7 +247,7 @@ def eval_model(cfg: Config, spec: ModelSpec, state_dict: dict, class_names: list
 
 def model_files(out: Path) -> list:
     """What a model artifact holds: the best weights and, where written yet, the run's config, summary and report."""
-    return [out / run_dir.MODEL, out / run_dir.CONFIG, out / run_dir.SUMMARY, out / "report.md"]
+    return [out / run_dir.MODEL, out / run_dir.CONFIG, out / run_dir.SUMMARY, out / run_dir.REPORT]
 
 
 def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data,

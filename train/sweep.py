@@ -25,7 +25,6 @@ that claims the trial waits for them).
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shlex
@@ -377,7 +376,7 @@ def failed(s, trial, code: int, reason: str, failures: int, max_failures: int) -
 def finished(s, trial, out: Path, sweep) -> None:
     """Tell the study how a trial that ran to its end did: pruned, or its best epoch's metric."""
     optuna = study._optuna()
-    summary = json.loads((out / run_dir.SUMMARY).read_text())
+    summary = run_dir.read_summary(out)
     trial.set_user_attr("test_acc", summary["test_acc"])
     trial.set_user_attr("test_f1_macro", summary["test_f1_macro"])
     if summary.get("pruned_at_epoch"):

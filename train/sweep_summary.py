@@ -13,66 +13,13 @@ validation metric per epoch, pruned trials marked where they stopped).
 
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
 
-import yaml
-
-from train import run_dir
 from train.errors import UsageError, first_line, report_usage_error
 from train.report import pyplot, save_plot
-
-COLUMNS = ["run", "arch", "lr", "batch_size", "state", "epochs", "best_epoch", "best_val_f1_macro", "test_acc",
-           "test_f1_macro", "wall_seconds"]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def history(run: Path) -> list:
-    try:
-        return run_dir.read_metrics(run)
-    except (OSError, ValueError):
-        return []
-
-
-def run_row(run: Path) -> dict:
-    config = {}
-    if (run / run_dir.CONFIG).is_file():
-        config = yaml.safe_load((run / run_dir.CONFIG).read_text()) or {}
-    summary, records = _read_json(run / run_dir.SUMMARY), history(run)
-    if summary:
-        state = "finished"
-    elif (run / run_dir.MARKER).exists():
-        state = "preempted (requeued?)"
-    elif records or (run / run_dir.CHECKPOINTS).is_dir():
-        state = "running or failed"
-    else:
-        state = "not started"
-    summary = summary or {}
-    return {"run": run.name, "arch": config.get("arch", ""), "lr": config.get("lr", ""),
-            "batch_size": config.get("batch_size", ""), "state": state, "epochs": len(records),
-            "best_epoch": summary.get("best_epoch", ""), "best_val_f1_macro": summary.get("best_val_f1_macro", ""),
-            "test_acc": summary.get("test_acc", ""), "test_f1_macro": summary.get("test_f1_macro", ""),
-            "wall_seconds": summary.get("wall_seconds", "")}
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if value < 10 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown(rows: list, columns: list = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+from train.runs_table import COLUMNS, history, markdown, run_row
 
 
 def write_table(folder: Path, text: str, rows: list, columns: list) -> None:
