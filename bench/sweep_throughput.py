@@ -25,7 +25,7 @@ from pathlib import Path
 from sweep_cost import ROOT, grid_file, warm_cache  # bench/ is this script's folder
 
 from train import run_dir
-from train.sweep import _gpus
+from train.supervise import _gpus
 
 HEADER = ["| workers per GPU | trials | wall s | trials / min | img/s, all trials | one trial's epoch img/s (median) "
           "| vs the first row |", "|---|---|---|---|---|---|---|"]

@@ -109,7 +109,7 @@ def _sweep_trials(folder) -> list:
 def test_a_trials_owner_is_alive_while_slurm_knows_its_job_and_no_answer_is_no_proof(slurm, tmp_path, monkeypatch):
     """A worker claims an orphaned trial only on Slurm's word that the owner's job ended: an empty queue, or an
     id Slurm has forgotten. A controller that does not answer (squeue fails) leaves the trial to its owner."""
-    from train.sweep import is_alive
+    from train.trial_owner import is_alive
 
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
     job = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--mem=100M", f"--output={tmp_path}/%j.out",

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from train import preemption
-from train.sweep import _without_storage, default_workers, worker_gpus
+from train.supervise import _without_storage, default_workers, worker_gpus
 
 
 def test_workers_per_gpu_share_each_gpu_in_order():
@@ -72,3 +72,22 @@ def test_a_process_stops_as_on_sigterm_once_the_process_it_stops_with_is_gone(ho
         watched.kill()
     assert out.strip() == "SIGTERM", err
     assert f"the sweep process that started this one (pid {watched.pid}) is gone" in err
+
+
+@pytest.mark.parametrize("code, preempted, stopping, pruned, end", [
+    (0, False, False, False, "COMPLETE"),
+    (0, False, False, True, "PRUNED"),
+    (0, False, True, False, "COMPLETE"),  # finished before the signal came: nothing to resume
+    (75, True, True, False, "PREEMPTED"),  # stopped at a checkpoint (its PREEMPTED marker)
+    (1, True, False, False, "PREEMPTED"),  # `accelerate launch` reports the 75 as 1; the marker tells
+    (-9, False, True, False, "PREEMPTED"),  # killed while this worker stops: resumed, not failed
+    (2, False, False, False, "BAD_INPUT"),
+    (3, False, False, False, "DIVERGED"),
+    (1, False, False, False, "FAILED"),
+    (-9, False, False, False, "FAILED"),  # killed (the OOM killer) while nobody asked it to stop
+])
+def test_a_trials_end_is_decided_from_its_exit_status_marker_and_the_workers_signal(code, preempted, stopping,
+                                                                                   pruned, end):
+    from train.sweep import Outcome, outcome
+
+    assert outcome(code, preempted, stopping, pruned) is Outcome[end]

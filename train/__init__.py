@@ -11,7 +11,9 @@ calls runner (what one run does). One module per concern besides:
   run folder's files), files (atomic writes, strict JSON), report (plots, report.md);
 - the run's surroundings: preemption (signals, Ctrl-C), progress (the bar and plain lines), tracking (W&B),
   errors (exit statuses, one-line errors), failpoints (fault injection for the tests);
-- sweeps: sweep_config (sweep files), study (the Optuna study), sweep (the workers), sweep_summary;
+- sweeps: sweep_config (sweep files), study (the Optuna study), sweep (the ask/train/tell worker),
+  trial_owner (who runs a trial, orphans taken over), supervise (a trial's and the workers' processes),
+  sweep_summary;
   runs_table (one row per run folder, for compare and sweep_summary).
 Tools: predict, export, hub (Hub model folders, push), compare, sweep_summary.
 """

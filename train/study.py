@@ -34,7 +34,8 @@ LOCK_GRACE = 60  # seconds an unchanged lock file is waited for before it counts
 _U = (1e-6, 1 - 1e-6)  # normal-type parameters are drawn as a quantile u, then mapped: u=0 or 1 is infinite
 
 
-def _optuna():
+def load_optuna():
+    """Optuna, imported on first use (only sweeps need it), quiet but for warnings; one line if not installed."""
     try:
         import optuna
     except ImportError:
@@ -111,7 +112,7 @@ def has_study(folder: Path) -> bool:
 
 def open_study(sweep: Sweep, folder: Path, seed: int):
     """Create the folder's study, or load it when another worker did (creation is race-free in the journal)."""
-    optuna = _optuna()
+    optuna = load_optuna()
     study = optuna.create_study(study_name=STUDY, storage=storage_for(folder), sampler=_sampler(sweep, seed, 0),
                                 pruner=pruner(sweep), direction=sweep.goal, load_if_exists=True)
     if study.direction.name.lower() != sweep.goal:
@@ -121,7 +122,7 @@ def open_study(sweep: Sweep, folder: Path, seed: int):
 
 
 def _sampler(sweep: Sweep, seed: int, number: int):
-    optuna = _optuna()
+    optuna = load_optuna()
     if sweep.method == "grid":
         return optuna.samplers.GridSampler({p.name: p.grid() for p in sweep.parameters}, seed=seed)
     trial_seed = int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
@@ -131,7 +132,7 @@ def _sampler(sweep: Sweep, seed: int, number: int):
 
 
 def pruner(sweep: Sweep):
-    optuna = _optuna()
+    optuna = load_optuna()
     if not sweep.min_iter:
         return optuna.pruners.NopPruner()
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_iter, reduction_factor=sweep.eta,
@@ -179,7 +180,7 @@ class TrialReporter:
     The pruner is not stored in the study: it is built again from the sweep file the folder keeps."""
 
     def __init__(self, folder: str, number: int):
-        optuna = _optuna()
+        optuna = load_optuna()
         folder = Path(folder)
         self.sweep = load_sweep(str(folder / SWEEP_FILE))
         self.study = optuna.load_study(study_name=STUDY, storage=storage_for(folder), pruner=pruner(self.sweep))

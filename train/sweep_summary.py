@@ -173,7 +173,7 @@ def summarise_search(folder: Path) -> tuple:
 
     sweep = load_sweep(str(folder / study.SWEEP_FILE))
     try:
-        s = study._optuna().load_study(study_name=study.STUDY, storage=study.storage_for(folder))
+        s = study.load_optuna().load_study(study_name=study.STUDY, storage=study.storage_for(folder))
     except KeyError:  # the journal is there, the first worker has not created the study in it yet
         raise UsageError(f"{folder} has no study yet: its first worker is starting; try again in a moment") from None
     histories = trial_histories(folder, s)
