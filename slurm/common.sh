@@ -5,10 +5,12 @@
 #   would die of it), forward SIGUSR1/SIGTERM to the training processes under it, which register
 #   their pids in CIFAR_ACCELERATE_PID_DIR, and wait until it has exited.
 # run_steps CMD...: the same for `srun ...`, forwarding the signal to every process of the job's steps.
-# clear_stale_marker RUN_DIR: before training, drop a PREEMPTED marker left by an earlier attempt.
+# clear_stale_marker RUN_DIR: before training, drop a PREEMPTED or STALLED marker left by an earlier attempt.
 # requeue_if_preempted RUN_DIR STATUS: this attempt's training left RUN_DIR/PREEMPTED after
-#   checkpointing: requeue this job (a job that ends during the grace period is not requeued by Slurm),
-#   at most MAX_REQUEUES times; it resumes with --resume auto. Says in the log why it did or did not.
+#   checkpointing, or RUN_DIR/STALLED after a stall (train/stall.py: no progress for --stall-timeout, or a
+#   process gone): requeue this job (a job that ends during the grace period is not requeued by Slurm),
+#   at most MAX_REQUEUES times; it resumes with --resume auto. A run that stalled twice at the same step is
+#   not requeued again: that hang is not a one-off. Says in the log why it did or did not.
 # requeue_job WHY: the requeue itself (sweep.sh: a worker that stopped its trial at a checkpoint, exit 75).
 
 # Overrides, documented in the README:
@@ -114,17 +116,29 @@ _run_forwarding() {
 MAX_REQUEUES=${MAX_REQUEUES:-5}
 
 clear_stale_marker() {
-    # A PREEMPTED marker left by an earlier attempt must not requeue this one if it fails before training.
-    local run_dir=$1
-    if [ -f "$run_dir/PREEMPTED" ]; then
-        echo "$(date +%T) removing $run_dir/PREEMPTED of an earlier attempt ($(cat "$run_dir/PREEMPTED"))" >&2
-        rm -f "$run_dir/PREEMPTED"
-    fi
+    # A marker left by an earlier attempt must not requeue this one if it fails before training.
+    local run_dir=$1 marker
+    for marker in PREEMPTED STALLED; do
+        if [ -f "$run_dir/$marker" ]; then
+            echo "$(date +%T) removing $run_dir/$marker of an earlier attempt ($(cat "$run_dir/$marker"))" >&2
+            rm -f "$run_dir/$marker"
+        fi
+    done
 }
 
 requeue_if_preempted() {
     # RUN_DIR STATUS: requeue only for a marker this attempt wrote, at most MAX_REQUEUES times; say why.
-    local run_dir=$1 status=$2 attempt="slurm job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}"
+    local run_dir=$1 status=$2 attempt="slurm job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}" times
+    if [ -f "$run_dir/STALLED" ] && grep -q "; $attempt\$" "$run_dir/STALLED"; then
+        times=$(sed -n 's/.*(\([0-9]*\) times\{0,1\} at this step).*/\1/p' "$run_dir/STALLED")
+        if [ "${times:-1}" -ge 2 ]; then
+            echo "$(date +%T) not requeueing job $SLURM_JOB_ID: $(cut -d';' -f1 "$run_dir/STALLED"): a hang that" \
+                 "repeats at one step is not a one-off; see $run_dir/stall.json and stall-rank*.txt" >&2
+            return 1
+        fi
+        requeue_job "$(cut -d';' -f1 "$run_dir/STALLED") (see $run_dir/stall.json), newest complete checkpoint in $run_dir"
+        return
+    fi
     if [ ! -f "$run_dir/PREEMPTED" ] || ! grep -q "; $attempt\$" "$run_dir/PREEMPTED"; then
         [ "$status" -eq 0 ] || echo "$(date +%T) not requeueing job $SLURM_JOB_ID: the training exited with status $status without" \
              "a checkpoint for preemption from this attempt ($attempt)" >&2

@@ -331,3 +331,22 @@ def test_train_sbatch_preempted_beyond_max_requeues_stops_with_status_75(job_env
     assert f"not requeueing job {job}: preempted with a checkpoint" in text and "MAX_REQUEUES=0" in text
     assert (" -m train.main " if entry else "/train/main.py ") in text  # the launch command the log shows
     assert yaml.safe_load((run / "config.yaml").read_text())["environment"]["world_size"] == gpus
+
+
+def test_a_stall_on_one_node_is_named_and_the_job_stops_at_its_requeue_cap_saying_why(job_env, tmp_path, dataset_dir):
+    """Heartbeats cross the nodes on the rendezvous store: rank 1 (c10d's rendezvous puts it on either node),
+    blocked before its gradient all-reduce, is named with its node; both nodes leave with the stall status, and the
+    job would be requeued but for MAX_REQUEUES=0."""
+    env = {**job_env, "NPROC_PER_NODE": "1", "MAX_REQUEUES": "0",
+           "CIFAR_ACCELERATE_DELAY": f"before_backward@1#3:{tmp_path}/never-made"}
+    job = sbatch(env, tmp_path, "multinode.sbatch", "--nodes=2",
+                 args=["--dataset", str(dataset_dir), *[a for a in RESUME_ARGS if a not in ("--resume", "auto")],
+                       "--stall-timeout", "5"])
+    (state,) = wait(env, job, timeout=300).values()
+    text, run = logs(tmp_path), tmp_path / "runs" / f"cifar-multinode-{job}"
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "124:0" and state["Restarts"] == "0", (state, text)
+    assert re.search(r"error: no progress for \d+ s at step 2: rank 1 \(node[12], pid \d+\) has been in 'training "
+                     r"step'", text), text
+    assert (f"not requeueing job {job}: stalled at step 2 (1 time at this step) (see {run}/stall.json)" in text
+            and "MAX_REQUEUES=0" in text), text
+    assert {p.name for p in run.glob("stall*")} == {"stall.json", "stall-rank0.txt", "stall-rank1.txt"}

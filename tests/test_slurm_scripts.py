@@ -19,10 +19,26 @@ def test_rendezvous_ports_stay_below_the_ephemeral_range():
 
 
 def test_the_scripts_use_the_run_folder_s_marker_name():
-    assert f'"$run_dir/{run_dir.MARKER}"' in COMMON.read_text()
+    for name in (run_dir.MARKER, run_dir.STALL_MARKER):
+        assert f'"$run_dir/{name}"' in COMMON.read_text()
 
 
 def test_threads_per_process_share_the_cpus_per_task():
     assert shell("threads_per_process", SLURM_CPUS_PER_TASK="16", NPROC_PER_NODE="4").strip() == "4"
     assert shell("threads_per_process", SLURM_CPUS_PER_TASK="2", NPROC_PER_NODE="4").strip() == "1"
     assert shell("echo $SRUN_CPUS_PER_TASK", SLURM_CPUS_PER_TASK="8").strip() == "8"  # srun steps keep them
+
+
+def test_a_stall_is_requeued_once_at_a_step_and_not_when_it_repeats_there(tmp_path):
+    attempt = {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "1"}
+    marker = tmp_path / run_dir.STALL_MARKER
+    marker.write_text("stalled at step 9 (1 time at this step); slurm job 5 restart 1\n")
+    first = subprocess.run(["bash", "-c", f"source {COMMON}; requeue_if_preempted {tmp_path} 1"],
+                           capture_output=True, text=True, env={"PATH": "/bin", **attempt})  # no scontrol here
+    assert first.returncode == 0 and "stalled at step 9 (1 time at this step) (see " in first.stderr, first.stderr
+    assert "requeueing job 5 (requeue 2 of at most 5)" in first.stderr
+    marker.write_text("stalled at step 9 (2 times at this step); slurm job 5 restart 1\n")
+    again = subprocess.run(["bash", "-c", f"source {COMMON}; requeue_if_preempted {tmp_path} 1"],
+                           capture_output=True, text=True, env={"PATH": "/bin", **attempt})
+    assert again.returncode == 1 and ("not requeueing job 5: stalled at step 9 (2 times at this step): a hang that "
+                                      "repeats at one step is not a one-off") in again.stderr, again.stderr

@@ -9,8 +9,9 @@ calls runner (what one run does). One module per concern besides:
 - model and training: models (builders, ModelSpec), optim, loop (train and evaluate), metrics, ema;
 - files: model_files (model.safetensors, reading any MODEL), checkpoint (training checkpoints), run_dir (the
   run folder's files), files (atomic writes, strict JSON), report (plots, report.md);
-- the run's surroundings: preemption (signals, Ctrl-C), progress (the bar and plain lines), tracking (W&B),
-  errors (exit statuses, one-line errors), failpoints (fault injection for the tests);
+- the run's surroundings: preemption (signals, Ctrl-C), stall (heartbeats, the stall detector and its report),
+  progress (the bar and plain lines), tracking (W&B), errors (exit statuses, one-line errors), failpoints (fault
+  injection for the tests);
 - sweeps: sweep_config (sweep files), study (the Optuna study), sweep (the ask/train/tell worker),
   trial_owner (who runs a trial, orphans taken over), supervise (a trial's and the workers' processes),
   sweep_summary;

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from train import run_dir
+from train import run_dir, stall
 from train.errors import UsageError, first_line
 from train.failpoints import delay, failpoint
 from train.files import atomic_write, default_mode, dumps, sha256, writing
@@ -65,6 +65,7 @@ class Checkpointer:
         """Every rank calls this; the folder appears under its final name only once complete.
         `weights`: {name: state dict} saved beside Accelerate's files as <name>.safetensors (best, ema)."""
         accelerator, self.saves = self.accelerator, self.saves + 1
+        stall.mark(stall.CHECKPOINT, state.step)
         final = self.root / checkpoint_name(state)
         tmp = self.root / f".tmp-{final.name}"
         if accelerator.is_main_process:
@@ -73,6 +74,7 @@ class Checkpointer:
         try:  # a full or read-only disk fails here, before the rename: the previous checkpoint stays intact
             with writing(tmp):
                 accelerator.save_state(str(tmp))
+                delay("checkpoint_write")  # the stall tests block one rank here, halfway through its part
             accelerator.wait_for_everyone()  # every rank's RNG file is in place
             if accelerator.is_main_process:
                 with writing(tmp):

@@ -89,6 +89,10 @@ class Config:
     keep_checkpoints: int = _opt(2, "newest checkpoints kept; the best model is kept apart")
     dist_timeout: int = _opt(1800, "seconds a process waits for the others (a first data preparation included) "
                                    "before the run fails")
+    stall_timeout: int = _opt(600, "seconds a process may go without progress (a step, a batch of validation; twice "
+                                   "that for checkpoint writes, W&B and a phase's first time) before the run stops as "
+                                   "stalled, naming that process: stall.json, stacks, exit 124 (0: off; with several "
+                                   "processes at most a third of --dist-timeout)")
     wandb: bool = _opt(True, "log to Weights & Biases when wandb is installed (--no-wandb: off, never imported)")
     wandb_mode: str = _opt("", "online, offline or disabled (default: WANDB_MODE / W&B's settings)",
                            choices=("", "online", "offline", "disabled"))
@@ -121,7 +125,7 @@ class Config:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("val_images", "train_images", "decode_size", "num_workers", "max_steps",
-                        "checkpoint_every_steps", "limit_batches", "warmup_epochs",
+                        "checkpoint_every_steps", "limit_batches", "warmup_epochs", "stall_timeout",
                         "weight_decay", "clip_grad_norm", "lr_step_size", "momentum", "mixup_alpha", "cutmix_alpha")
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -165,7 +169,8 @@ GROUPS = {
                      "scheduler", "warmup_epochs", "lr_step_size", "lr_gamma", "label_smoothing", "grad_accum_steps",
                      "clip_grad_norm", "ema_decay", "seed"],
     "evaluation": ["tta", "eval_only", "checkpoint"],
-    "run control": ["output_dir", "max_steps", "limit_batches", "log_every", "dist_timeout"],
+    "run control": ["output_dir", "max_steps", "limit_batches", "log_every", "dist_timeout",
+                    "stall_timeout"],
     "checkpoints": ["resume", "checkpoint_every_steps", "keep_checkpoints"],
     "sweep (set by python -m train.sweep)": ["sweep_dir", "trial_number"],
     "tracking (Weights & Biases)": ["wandb", "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "run_name",

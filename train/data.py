@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train import decode
 from train.errors import UsageError, first_line
+from train.failpoints import delay
 from train.paths import check_dataset, is_local
 
 # After a Hub failure: the two ways forward, as one line.
@@ -290,10 +291,12 @@ class _Indices(Dataset):
 
 
 class _GatherBatch:
-    def __init__(self, split: Split):
-        self.split = split
+    def __init__(self, split: Split, train: bool = False):
+        self.split, self.train = split, train
 
     def __call__(self, indices):
+        if self.train:
+            delay("fetch_batch")  # the stall tests block one rank's training batch here
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self.split.images.is_cuda:  # a CPU index into GPU tensors would be a blocking copy: two syncs a batch
             idx = idx.pin_memory().to(self.split.images.device, non_blocking=True)
@@ -321,6 +324,6 @@ def make_loader(split: Split, batch_size: int, *, shuffle_seed=None, num_workers
     sampler = EpochShuffle(len(split), shuffle_seed) if shuffle_seed is not None else None
     on_host = split.images.device.type == "cpu"
     return DataLoader(_Indices(len(split)), batch_size=batch_size, sampler=sampler,
-                      collate_fn=_GatherBatch(split), num_workers=num_workers if on_host else 0,
+                      collate_fn=_GatherBatch(split, train=shuffle_seed is not None), num_workers=num_workers if on_host else 0,
                       pin_memory=on_host and torch.cuda.is_available(),
                       persistent_workers=num_workers > 0 and on_host)

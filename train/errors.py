@@ -12,6 +12,9 @@ EXIT_IO = 74  # EX_IOERR from sysexits.h: a full, read-only or forbidden disk
 # EX_TEMPFAIL from sysexits.h, "try again later": stopped by a signal at a checkpoint (train/preemption.py).
 # `accelerate launch` turns every non-zero status into 1, so the run folder also gets a PREEMPTED marker file.
 EXIT_PREEMPTED = 75
+# A stall: a process made no progress for --stall-timeout, or one is gone (train/stall.py). GNU timeout's status for
+# "timed out"; the run folder gets a STALLED marker, as a preempted run gets PREEMPTED, and is retried the same way.
+EXIT_STALLED = 124
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 
 

@@ -26,8 +26,9 @@ from accelerate.scheduler import AcceleratedScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from train import progress
+from train import progress, stall
 from train.augment import BatchTransform
+from train.failpoints import delay
 from train.metrics import classification_metrics
 from train.optim import mean_lr
 
@@ -237,6 +238,7 @@ def _train_batch(parts: Parts, loop: LoopConfig, running: _Running, images, labe
         logits = model(inputs)
         losses = F.cross_entropy(logits, targets, label_smoothing=loop.label_smoothing, reduction="none")
         loss = losses.mean()
+        delay("before_backward")  # the stall tests block one rank here, before its gradient all-reduce
         accelerator.backward(loss)
         if accelerator.sync_gradients and loop.clip_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), loop.clip_grad_norm)
@@ -255,6 +257,20 @@ def _batches(parts: Parts, state: TrainState):
     return batches
 
 
+def _fetched(batches, state: TrainState):
+    """The epoch's batches, the wait for each one marked as a phase of its own (train/stall.py): a rank that stalls
+    there is named as fetching a batch, not as training."""
+    batches = iter(batches)
+    while True:
+        stall.mark(stall.FETCH, state.step)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        stall.mark(stall.STEP)
+        yield batch
+
+
 def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Epoch:
     """Train from state.batch_in_epoch until the epoch ends, `max_steps`, or a stop request agreed by all
     processes. Raise Diverged, on every process, after a non-finite loss (read at the next sync point)."""
@@ -268,12 +284,13 @@ def train_one_epoch(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Ho
     start, stop = time.perf_counter() - state.partial_seconds, None  # None: still running
 
     def sync(requested: bool = False) -> bool:
+        stall.mark(stall.EXCHANGE, state.step)
         state.partial, agreed = running.sync(requested, state.epoch + 1, lr())
         state.partial_seconds = time.perf_counter() - start
         return agreed
 
     try:
-        for images, labels in batches:
+        for images, labels in _fetched(batches, state):
             torch.manual_seed(step_seed(loop.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
             _train_batch(parts, loop, running, images, labels, remainder)
             state.batch_in_epoch += 1
@@ -352,6 +369,7 @@ def validate_epoch(parts: Parts, state: TrainState, totals: Totals, seconds: flo
 def fit(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Stop:
     """Train and validate epoch by epoch from `state` until the last epoch, `max_steps` or an agreed stop."""
     while state.epoch < loop.epochs and not (loop.max_steps and state.step >= loop.max_steps):
+        stall.mark(stall.EXCHANGE, state.step)
         pruned = torch.full((1,), float(hooks.prune_requested()), device=parts.accelerator.device)
         rows, asked = _exchange(parts.accelerator, pruned, hooks.stop_requested())
         if asked:
@@ -362,6 +380,7 @@ def fit(parts: Parts, loop: LoopConfig, state: TrainState, hooks: Hooks) -> Stop
         if epoch.stop is Stop.SIGNAL:
             return epoch.stop
         start = time.perf_counter()
+        stall.mark(stall.VALIDATION, state.step)
         with hooks.evaluation():
             record = validate_epoch(parts, state, epoch.totals, epoch.seconds)
         record["epoch_seconds"] += time.perf_counter() - start
@@ -389,11 +408,18 @@ def evaluate(accelerator, model, loader, transform: BatchTransform, tta: bool = 
                  "label": targets}
         if tta:
             batch["pred_tta"] = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).argmax(1)
-        for key, value in accelerator.gather_for_metrics(batch).items():
-            columns[key].append(value.cpu())
+        for key, value in _gathered(accelerator, batch).items():
+            columns[key].append(value)
+        stall.tick()
     joined = {k: torch.cat(v).numpy() if v else None for k, v in columns.items()}
     loss = joined["loss"]
     return EvalResult(loss=float(loss.mean()) if loss is not None else float("nan"),
                       preds=joined["pred"] if joined["pred"] is not None else np.zeros(0, int),
                       labels=joined["label"] if joined["label"] is not None else np.zeros(0, int),
                       preds_tta=joined["pred_tta"])
+
+
+def _gathered(accelerator, batch: dict) -> dict:
+    """Every process's predictions of a batch, on the host (train/stall.py knows this function as a wait for the
+    others: on a GPU the host blocks in the copy, after the collective)."""
+    return {key: value.cpu() for key, value in accelerator.gather_for_metrics(batch).items()}

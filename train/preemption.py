@@ -38,11 +38,14 @@ _received = None  # name of the first signal received, if any
 _listening = False
 _work_to_save = False  # before there is (training has not begun), Ctrl-C stops at once
 _what = "stopping after this step to write a checkpoint"  # what the process says it does about a signal
+_standing_down = False  # the process is leaving on a stall (train/stall.py): a signal then changes nothing
 
 
 def _handle(signum, frame):
     global _received
     name = signal.Signals(signum).name
+    if _standing_down:
+        return
     if signum == signal.SIGINT and (not _work_to_save or _received == name):
         _stop_now("nothing to save yet" if not _work_to_save else
                   "the newest complete checkpoint is intact: --resume auto continues from it")
@@ -61,6 +64,12 @@ def _say(line: str) -> None:
     """To the person's terminal where there is one: `accelerate launch` pipes stderr through itself, and a
     line that arrives as Ctrl-C interrupts the launcher's copying can be lost there; else to stderr."""
     print(line, file=progress.terminal() or sys.stderr, flush=True)
+
+
+def stand_down() -> None:
+    """The process is about to exit on a stall: the launcher's SIGTERM to the others is not a preemption."""
+    global _standing_down
+    _standing_down = True
 
 
 def work_to_save() -> None:

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
-from train import run_dir, runner, tracking
+from train import run_dir, runner, stall, tracking
 from train.config import Config
 from train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, UsageError
 from train.loop import Diverged, Stop, TrainState
@@ -23,6 +23,7 @@ from train.report import PRECISION
 def make_accelerator(cfg: Config, track: bool) -> Accelerator:
     # The process-group timeout also bounds how long ranks wait while a node prepares the data.
     # non_blocking: host-resident batches are pinned, so their copy to the GPU need not wait.
+    stall.record_nccl()  # before the process group starts: its flight recorder goes into a stall's report
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, step_scheduler_with_optimizer=False,
                               log_with="wandb" if track else None,
                               dataloader_config=DataLoaderConfiguration(non_blocking=True),
@@ -54,7 +55,8 @@ def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> tuple:
     accelerator.wait_for_everyone()  # nobody creates files before every rank has checked
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
-        (path / run_dir.MARKER).unlink(missing_ok=True)
+        for marker in (run_dir.MARKER, run_dir.STALL_MARKER):  # this attempt's end writes its own
+            (path / marker).unlink(missing_ok=True)
     return path, made
 
 
@@ -76,39 +78,69 @@ def run(cfg: Config) -> int:
         runner.check_cuda_graphs(cfg.compile_mode, accelerator)  # before minutes of data loading
     out, made = resolve_output_dir(cfg, accelerator)
     announce(cfg, accelerator, out)
+    watch = stall.start(out, stall_timeout(cfg, accelerator.num_processes), accelerator)
     tracker = tracking.Tracker(accelerator, cfg, out, enabled=track)
     set_seed(cfg.seed)
-    try:
-        if cfg.eval_only:
-            weights, spec = runner.eval_spec(cfg)
-        data = runner.prepare_data(cfg, accelerator)
-    except UsageError:  # bad data or model: leave no empty run folder behind for each try
-        if made and accelerator.is_main_process and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    if cfg.eval_only:
-        model, state = accelerator.prepare(runner.eval_model(cfg, spec, weights, data.class_names)), TrainState()
+    data, evaluated = inputs(cfg, accelerator, out, made)
     env = {**run_dir.environment(accelerator.num_processes, accelerator.mixed_precision), "decoded": data.decoded}
     if accelerator.is_main_process:
         run_dir.write_config(out, cfg.to_dict(), env)
     tracker.start({**cfg.to_dict(), **env})
-    run = runner.Run(cfg, accelerator, out, tracker, started)
-    code, stop = 0, Stop.FINISHED
+    tracker.note_stalls(stall.earlier_stalls(out))
+    if watch:
+        watch.on_stall = lambda: tracker.note_stalls(stall.earlier_stalls(out))
     try:
-        if not cfg.eval_only:
-            spec = ModelSpec.from_config(cfg, data.class_names, decode_size=data.train.images.shape[-1])
-            model, state, stop = runner.train(run, data, spec)
-            if stop is Stop.SIGNAL:
-                code = EXIT_PREEMPTED
-        if code == 0:
-            runner.test_and_report(run, model, spec, state, data, stop)
+        code = train_and_test(runner.Run(cfg, accelerator, out, tracker, started), data, evaluated)
     except Diverged as e:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = EXIT_DIVERGED
+    except RuntimeError:  # a collective failed: a peer that is gone makes it a stall, named (this may not return)
+        stall.peer_failed()
+        raise
     finally:
+        stall.mark(stall.WANDB)
         tracker.finish()
     # Every rank, W&B on or off. Not after an exception: that process reports its error and exits, its peers
     # may be inside a collective.
+    stall.mark(stall.END)
     runner.end_process_groups(accelerator)
+    if watch:
+        watch.finish()
     return code
+
+
+def inputs(cfg: Config, accelerator: Accelerator, out: Path, made: bool) -> tuple:
+    """(the prepared data, and with --eval-only (the prepared model, its ModelSpec), else None). Bad data or a bad
+    model is a UsageError, and leaves no empty run folder behind for each try."""
+    try:
+        evaluated = runner.eval_spec(cfg) if cfg.eval_only else None
+        data = runner.prepare_data(cfg, accelerator)
+        if evaluated:
+            weights, spec = evaluated
+            evaluated = accelerator.prepare(runner.eval_model(cfg, spec, weights, data.class_names)), spec
+        return data, evaluated
+    except UsageError:
+        if made and accelerator.is_main_process and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def train_and_test(run: runner.Run, data, evaluated: tuple | None) -> int:
+    """Train, or take the model --eval-only gave (`evaluated`: (model, spec)), then test and report. Returns the
+    exit status: EXIT_PREEMPTED when a signal stopped the training (no test then), else 0."""
+    if evaluated:
+        (model, spec), state, stop = evaluated, TrainState(), Stop.FINISHED
+    else:
+        spec = ModelSpec.from_config(run.cfg, data.class_names, decode_size=data.train.images.shape[-1])
+        model, state, stop = runner.train(run, data, spec)
+        if stop is Stop.SIGNAL:
+            return EXIT_PREEMPTED
+    runner.test_and_report(run, model, spec, state, data, stop)
+    return 0
+
+
+def stall_timeout(cfg: Config, processes: int) -> float:
+    """--stall-timeout; with several processes at most a third of --dist-timeout, so that the longest limit (twice
+    it) ends before torch's watchdog aborts a collective."""
+    return min(cfg.stall_timeout, cfg.dist_timeout / 3) if processes > 1 else cfg.stall_timeout

@@ -136,6 +136,7 @@ def write_report(path: Path, cfg: dict, summary: dict, history: list, data_note:
               f"| processes, precision | {summary['world_size']}, "
               f"{PRECISION.get(summary['mixed_precision'], summary['mixed_precision'])} |", ""]
     lines += _one_class_note(summary.get("predicted_one_class"))
+    lines += _stalls(summary.get("stalls"))
     if history and summary.get("val_is_test"):
         lines += ["Test metrics use the weights of the best epoch, and validation was the test split "
                   "(--val-size 0): the test split chose that epoch, so these test numbers are optimistic.", ""]
@@ -205,6 +206,15 @@ def _one_class_note(found) -> list:
     return [f"**Warning: one class for nearly every test image.** {words[0].upper() + words[1:]}: it has "
             f"not learnt to tell the classes apart, whatever the numbers above look like. What usually helps: "
             f"{ONE_CLASS_HELPS}.", ""]
+
+
+def _stalls(stalls) -> list:
+    """Earlier attempts that ended in a stall (train/stall.py), and where."""
+    if not stalls:
+        return []
+    lines = [f"**{len(stalls)} attempt{'s' if len(stalls) > 1 else ''} of this run ended in a stall** and "
+             f"continued from the newest complete checkpoint (stall.json, stall-rank*.txt):", ""]
+    return lines + [f"- {s['attempt']}: {s['line'].removeprefix('error: ')}" for s in stalls] + [""]
 
 
 def _skipped(skipped) -> list:

@@ -12,12 +12,13 @@ from train.errors import UsageError
 from train.files import atomic_write, dumps
 
 # The run folder's file names, used by every module that reads or writes one (slurm/common.sh repeats
-# PREEMPTED; tests/test_slurm_scripts.py checks it).
+# PREEMPTED and STALLED; tests/test_slurm_scripts.py checks them).
 CONFIG, METRICS, SUMMARY, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"
 REPORT = "report.md"
 LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT = "loss.png", "accuracy.png", "confusion_matrix.png"
 FIGURES = (LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT)
 CHECKPOINTS, MARKER = "checkpoints", "PREEMPTED"
+STALL_MARKER, STALL_REPORT = "STALLED", "stall.json"  # train/stall.py
 
 
 def default_output_dir(arch: str) -> str:

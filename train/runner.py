@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from train import preemption, progress, report, run_dir, study, tracking
+from train import preemption, progress, report, run_dir, stall, study, tracking
 from train.augment import BatchTransform
 from train.checkpoint import Checkpointer
 from train.model_files import build_trained, cpu_state_dict, load_model, save_model
@@ -153,6 +153,7 @@ class RunHooks(Hooks):
                          f"{values['train/images_per_second']:.0f} img/s")
 
     def on_epoch_end(self, state, record, improved):
+        stall.mark(stall.CHECKPOINT, state.step)  # the metrics, the best model and the epoch's checkpoint
         self.run.tracker.log(tracking.epoch_values(record), step=state.step)
         if improved and self.ema:
             self.ema.sync_buffers(self.parts.accelerator)
@@ -165,6 +166,7 @@ class RunHooks(Hooks):
                 if self.cfg.wandb_log_model == "best":
                     metadata = {"model": self.spec.to_dict(), "epoch": record["epoch"],
                                 **{k: record[k] for k in ("val_loss", "val_acc", "val_f1_macro")}}
+                    stall.mark(stall.WANDB)
                     self.run.tracker.log_model(model_files(self.run.out), record["epoch"], metadata)
         self.save(state)
         if self.reporter:
@@ -187,6 +189,7 @@ class RunHooks(Hooks):
 def train(run: Run, data, spec: ModelSpec) -> tuple:
     """Train (or continue training); return (model with the best weights, state, why training stopped)."""
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
+    stall.mark(stall.SETUP)  # the model built, the checkpoint loaded
     parts = build_parts(cfg, accelerator, data)
     checkpointer = Checkpointer(accelerator, out, cfg.keep_checkpoints, spec)
     state, weights = restore(cfg, checkpointer)
@@ -211,6 +214,7 @@ def train(run: Run, data, spec: ModelSpec) -> tuple:
         run.say(f"{why}: checkpoint written at step {state.step}; continue with --resume auto --output-dir {out}")
         # No rank exits before the marker exists: under `srun --kill-on-bad-exit` the first exit
         # (status 75) ends the other nodes' tasks at once.
+        stall.mark(stall.END)
         accelerator.wait_for_everyone()
         return parts.model, state, stop
     if stop is Stop.PRUNED:
@@ -253,6 +257,7 @@ def model_files(out: Path) -> list:
 def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: TrainState, data,
                     stop: Stop = Stop.FINISHED) -> None:
     cfg, accelerator = run.cfg, run.accelerator
+    stall.mark(stall.TEST)
     test_loader = accelerator.prepare(make_loader(data.test, cfg.eval_batch_size, num_workers=cfg.num_workers))
     transform = BatchTransform(spec.image_size, mean=spec.mean, std=spec.std)
     test = evaluate(accelerator, model, test_loader, transform, tta=cfg.tta)
@@ -278,9 +283,12 @@ def test_and_report(run: Run, model: torch.nn.Module, spec: ModelSpec, state: Tr
         flipped = classification_metrics(test.preds_tta, test.labels, data.class_names)
         summary.update(test_acc_tta=flipped["acc"], test_f1_macro_tta=flipped["f1_macro"])
     report.flag_one_class(summary, data.class_names)
+    summary["stalls"] = stall.earlier_stalls(run.out)  # earlier attempts that ended in a stall
+    stall.mark(stall.REPORT)
     run_dir.write_summary(run.out, summary)
     report.write_all(run.out, report.shown_options(run, data), summary, state.history, data.class_names,
                      data.sizes())
+    stall.mark(stall.WANDB)
     run.tracker.log_final(summary, data.class_names)
     if cfg.wandb_log_model == "end" and trained:
         run.tracker.log_model(model_files(run.out), state.best_epoch,

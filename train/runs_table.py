@@ -24,6 +24,8 @@ def run_row(run: Path) -> dict:
         state = "finished"
     elif (run / run_dir.MARKER).exists():
         state = "preempted (requeued?)"
+    elif (run / run_dir.STALL_MARKER).exists():
+        state = "stalled (requeued?)"
     elif records or (run / run_dir.CHECKPOINTS).is_dir():
         state = "running or failed"
     else:

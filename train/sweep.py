@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train import preemption, run_dir, study
+from train import preemption, run_dir, stall, study
 from train.config import build_parser, parse_config
 from train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, UsageError, report_usage_error
 from train.failpoints import failpoint
@@ -185,10 +185,12 @@ def work(args, train_args: list, folder: Path) -> int:
         command = train_command(args, folder, trial.number, options, train_args, out)
         code, last_error, preempted = run_trial(command, out, pid_dir)
         summary = run_dir.read_summary(out) if code == 0 else None
-        end = outcome(code, preempted, preemption.requested(), bool(summary and summary.get("pruned_at_epoch")))
-        if end is Outcome.PREEMPTED:
+        end = outcome(code, preempted, preemption.requested(), bool(summary and summary.get("pruned_at_epoch")),
+                      stall.stalled(out))
+        if end in (Outcome.PREEMPTED, Outcome.STALLED):
             # Left RUNNING: this worker's requeued job resumes it, or whichever worker finds it orphaned.
             how = "with a checkpoint" if preempted else f"before its checkpoint (exit status {code})"
+            how = f"on a stall ({out / run_dir.STALL_REPORT})" if end is Outcome.STALLED else how
             print(f"trial {trial.number}: stopped {how}; the requeued worker, or the next one, resumes it",
                   flush=True)
             return EXIT_PREEMPTED
@@ -207,14 +209,19 @@ class Outcome(enum.Enum):
     COMPLETE = "complete"  # ran to its end: told COMPLETE with its best epoch's metric
     PRUNED = "pruned"  # the pruner stopped it after an epoch (it was tested all the same): told PRUNED
     PREEMPTED = "preempted"  # stopped by a signal: left RUNNING, the worker exits 75, a worker resumes it
+    STALLED = "stalled"  # stopped on a stall (exit 124, train/stall.py): left RUNNING, resumed as a preempted one is
+    STALLED_AGAIN = "stalled again at the same step"  # told FAIL with the stall's line, the worker goes on
     BAD_INPUT = "bad input"  # exit 2: told FAIL, and the sweep stops (every trial would repeat the mistake)
     DIVERGED = "diverged"  # exit 3: told FAIL, the worker goes on
     FAILED = "failed"  # any other exit: told FAIL, the worker goes on (until --max-failures in a row)
 
 
-def outcome(code: int, preempted: bool, stopping: bool, pruned: bool) -> Outcome:
+def outcome(code: int, preempted: bool, stopping: bool, pruned: bool, stalled: int = 0) -> Outcome:
     """A trial's end from its exit status, whether it left a PREEMPTED marker, whether this worker is stopping
-    on a signal (a trial it stopped before its checkpoint is resumed, not failed), and whether it was pruned."""
+    on a signal (a trial it stopped before its checkpoint is resumed, not failed), whether it was pruned, and how
+    many times it has stalled at the step where this attempt stalled (0: it did not)."""
+    if stalled:
+        return Outcome.STALLED if stalled < stall.SAME_STEP_LIMIT else Outcome.STALLED_AGAIN
     if preempted or (code and stopping):
         return Outcome.PREEMPTED
     if code == 0:

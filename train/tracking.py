@@ -191,6 +191,18 @@ class Tracker:
         except Exception as e:
             _warn(f"tagging the run failed ({first_line(e)})")
 
+    def note_stalls(self, stalls: list) -> None:
+        """Attempts of this run that ended in a stall (train/stall.py): the W&B run tagged `stalled`, and each
+        stall's line in its summary (`stalls`). Called as the next attempt starts, and as an attempt stalls."""
+        if not self.active or not stalls:
+            return
+        try:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.tags = tuple(dict.fromkeys((*(run.tags or ()), "stalled")))
+            run.summary["stalls"] = [s["line"] for s in stalls]
+        except Exception as e:
+            _warn(f"noting the stall failed ({first_line(e)})")
+
     def finish(self) -> None:
         """Close the W&B run. Only that: the caller ends the process group (the other half of Accelerate's
         end_training), on every rank, W&B on or off."""
