@@ -188,7 +188,7 @@ def dashboard_trials(journal: Path) -> list:
 # run_cap: as few as prove it. bayes: TPE draws its first 10 trials at random (n_startup_trials), so more trials
 # here would prove nothing more than 2 do: that a bayes sweep's workers run it through. bayes has no run_cap, as
 # W&B allows: each of the 2 workers stops at its --run-cap 1 (wandb agent --count 1).
-@pytest.mark.parametrize("method, run_cap, worker_cap", [("random", 4, 0), ("bayes", 0, 1)])
+@pytest.mark.parametrize("method, run_cap, worker_cap", [("random", 2, 0), ("bayes", 0, 1)])
 def test_a_search_runs_run_cap_trials_and_the_seed_decides_them(tmp_path, dataset_dir, method, run_cap, worker_cap):
     file = write_sweep(tmp_path / f"{method}.yaml", method=method, **({"run_cap": run_cap} if run_cap else {}),
                        metric={"name": "val/acc", "goal": "maximize"},

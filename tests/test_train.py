@@ -7,6 +7,7 @@ import yaml
 from safetensors import safe_open
 
 from conftest import FAST, check, main_in_process, read_metrics, read_summary, run_main
+from train.process import native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -115,13 +116,19 @@ def test_ddp_counts_every_test_image_once_and_matches_single_process_eval(ddp_ru
 @pytest.mark.ddp
 def test_shipped_accelerate_config_trains_with_bf16_and_ddp_on_cpu(dataset_dir, tmp_path):
     out = tmp_path / "bf16"
-    # bf16 is emulated (slow) on CPUs without AVX-512 BF16 or AMX: 2 epochs, as few as still learn (0.97 here).
-    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--epochs", "2"],
+    # bf16 is emulated on CPUs without AVX-512 BF16 or AMX, 21x slower than fp32 on an AVX2 EPYC: 96 images, in
+    # batches of 8 (12 steps of 2 processes), learn within 2 epochs at a tenth of the full set's cost.
+    proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--epochs", "2",
+                           "--train-images", "96", "--batch-size", "8"],
                           processes=2, launch_args=["--config_file", "accelerate_config.yaml"]))
     assert "Grad strides do not match" not in proc.stderr  # DDP's note on 1x1 convolutions: silenced
-    summary = read_summary(out)
+    assert ("bf16 is emulated here" in proc.stderr) == (not native_bf16())
+    summary, epochs = read_summary(out), read_metrics(out)
     assert summary["mixed_precision"] == "bf16" and summary["world_size"] == 2
-    assert summary["test_acc"] > 0.6
+    # It learns: the training loss falls and its accuracy is far above chance (0.25); on held-out images after 12
+    # steps, where BatchNorm's running statistics still lag, more loosely.
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"] and epochs[1]["train_acc"] > 0.6, epochs
+    assert summary["test_acc"] > 0.4
 
 
 def test_smoke_limits_stop_early(dataset_dir, tmp_path):
@@ -139,13 +146,18 @@ def test_smoke_limits_stop_early(dataset_dir, tmp_path):
     assert len(read_metrics(out)) == 2
 
 
-def test_compiled_model_trains_and_saves_plain_weights(dataset_dir, tmp_path):
-    out = tmp_path / "compiled"
-    # Each input shape is a graph to compile: one training batch size, and validation on the test split in one
-    # batch (--val-size 0, --eval-batch-size 128).
-    check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--compile", "--max-steps", "3",
-                    "--limit-batches", "3", "--val-size", "0", "--eval-batch-size", "128"]))
-    summary = read_summary(out)
-    assert summary["steps"] == 3
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert not [k for k in f.keys() if "_orig_mod" in k or k.startswith("module.")]
+def test_a_compiled_model_is_saved_with_the_keys_an_eager_one_loads(parts_for, tmp_path):
+    """torch.compile wraps the prepared model (every key gains `_orig_mod.`); a run saves the module inside, whose keys
+    an eager model loads. Compiling is lazy: nothing compiles here. A compiled run trains end to end with inductor in
+    test_eval_any_run (under DDP, where the wrappers nest), and test_loop counts the graphs dynamo makes."""
+    from safetensors.torch import load_file
+
+    from train.model_files import cpu_state_dict, save_model
+    from train.models import ModelSpec, build_model, plain_model
+
+    cfg, parts = parts_for(compile=True)
+    assert all(key.startswith("_orig_mod.") for key in parts.model.state_dict())
+    save_model(cpu_state_dict(plain_model(parts.accelerator, parts.model)), tmp_path / "model.safetensors",
+               ModelSpec.from_config(cfg, parts.class_names))
+    eager = build_model("resnet18", len(parts.class_names))
+    eager.load_state_dict(load_file(str(tmp_path / "model.safetensors")))  # strict: every key, no prefix

@@ -33,7 +33,19 @@ def make_accelerator(cfg: Config, track: bool) -> Accelerator:
                          "use --mixed_precision bf16")
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not native_bf16() and \
+            accelerator.is_main_process:
+        print("warning: this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated here, many times slower than "
+              "fp32 (21x for ResNet-18 on an AVX2 EPYC); --mixed_precision no trains faster", file=sys.stderr,
+              flush=True)
     return accelerator
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 itself (AVX-512 BF16 or AMX) rather than emulating it in fp32."""
+    cpu = torch.cpu
+    return getattr(cpu, "_is_avx512_bf16_supported", lambda: True)() or getattr(cpu, "_is_amx_tile_supported",
+                                                                                 lambda: False)()
 
 
 def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> tuple:
