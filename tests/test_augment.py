@@ -100,7 +100,7 @@ def test_autoaugment_and_randaugment_draw_per_image():
     same = _images(1).expand(64, -1, -1, -1).contiguous()
     for policy in ("autoaugment", "randaugment"):
         torch.manual_seed(0)
-        x = BatchTransform(32, train=True, padding=0, policy=policy)(same)
+        x = BatchTransform(32, train=True, padding=0, auto_augment=policy)(same)
         assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
         assert len({image.numpy().tobytes() for image in x}) > 20  # not one op for the whole batch
 

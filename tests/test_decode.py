@@ -1,4 +1,4 @@
-"""One size policy for every split, memory checked before decoding, and parallel decoding equal to serial."""
+"""One size geometry for every split, memory checked before decoding, and parallel decoding equal to serial."""
 
 import io
 import re
@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import FAST, check, run_main
 from test_data import cfg
 from train.data import load_image_data
-from train.decode import Policy, decode_all, memory_needed
+from train.decode import Geometry, decode_all, memory_needed
 from train.errors import UsageError
 
 
@@ -34,7 +34,7 @@ def write_mixed(root, sizes_train, sizes_test):
 
 
 def expected(image: Image.Image, side: int) -> np.ndarray:
-    """The documented policy, written independently: shorter side to `side`, centre crop."""
+    """The documented geometry, written independently: shorter side to `side`, centre crop."""
     w, h = image.size
     scale = side / min(w, h)
     resized = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR)
@@ -62,7 +62,7 @@ def test_one_square_size_is_kept_as_stored(dataset_dir):
 
 
 def test_a_decode_that_cannot_fit_in_memory_is_refused_before_it_starts(dataset_dir):
-    needed = memory_needed(256, Policy(30000, resize=True))  # 691.2 GB of output, and the chunks in flight
+    needed = memory_needed(256, Geometry(30000, resize=True))  # 691.2 GB of output, and the chunks in flight
     assert needed >= 691.2e9
     with pytest.raises(UsageError, match=r"split 'train', column 'img': decoding 256 images at 30000x30000 needs "
                                          rf"{needed / 1e9:.1f} GB of memory, .* GB is available; use a smaller "
@@ -94,19 +94,19 @@ def test_parallel_decoding_equals_serial(monkeypatch, capsys):
     import train.decode
 
     monkeypatch.setattr(train.decode, "CHUNK", 32)  # 10 chunks for 4 worker processes
-    raw, policy = encoded_pngs(300), Policy(24, resize=True)
-    serial, _ = decode_all(raw, policy, "test", skip_bad=False, workers=1)
-    parallel, _ = decode_all(raw, policy, "test", skip_bad=False, workers=4)
+    raw, geometry = encoded_pngs(300), Geometry(24, resize=True)
+    serial, _ = decode_all(raw, geometry, "test", skip_bad=False, workers=1)
+    parallel, _ = decode_all(raw, geometry, "test", skip_bad=False, workers=4)
     assert serial.shape == (300, 3, 24, 24) and serial.is_contiguous() and torch.equal(serial, parallel)
     assert np.array_equal(serial[5].permute(1, 2, 0).numpy(), expected(Image.open(io.BytesIO(raw[5]["bytes"])), 24))
     one_bad = spoil(raw, [77])  # an undecodable row in a worker's chunk
     with pytest.raises(UsageError, match=r"^test, row 77 \(x/77.png\): cannot decode the image"):
-        decode_all(one_bad, policy, "test", skip_bad=False, workers=4)
+        decode_all(one_bad, geometry, "test", skip_bad=False, workers=4)
     bad = [0, 77, 78, 150, 299]  # the first, two together, one alone, the last
     capsys.readouterr()
-    kept, rows = decode_all(spoil(raw, bad), policy, "test", skip_bad=True, workers=4)
+    kept, rows = decode_all(spoil(raw, bad), geometry, "test", skip_bad=True, workers=4)
     parallel_warnings = capsys.readouterr().err
-    kept_serially, rows_serially = decode_all(spoil(raw, bad), policy, "test", skip_bad=True, workers=1)
+    kept_serially, rows_serially = decode_all(spoil(raw, bad), geometry, "test", skip_bad=True, workers=1)
     assert capsys.readouterr().err == parallel_warnings
     assert re.findall(r"row (\d+) \(x/\d+.png\): undecodable image skipped", parallel_warnings) == [str(i) for i in bad]
     good = [i for i in range(300) if i not in bad]
@@ -123,7 +123,7 @@ def test_workers_are_not_forked_from_this_multi_threaded_process(monkeypatch):
     monkeypatch.setattr(os, "fork", lambda: pytest.fail("os.fork() in a multi-threaded process"))
     started, popen = [], subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(args) or popen(args, **kw))
-    images, _ = decode_all(encoded_pngs(8), Policy(24, resize=True), "test", skip_bad=False, workers=2)
+    images, _ = decode_all(encoded_pngs(8), Geometry(24, resize=True), "test", skip_bad=False, workers=2)
     assert images.shape == (8, 3, 24, 24) and len(started) == 2 and all(a[0] == sys.executable for a in started)
 
 
@@ -147,7 +147,7 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", dead)
     with pytest.raises(RuntimeError, match=r"a decode worker failed \(exit statuses \[-9, -9\]"):
-        decode_all(encoded_pngs(8), Policy(24, resize=True), "test", skip_bad=False, workers=2)
+        decode_all(encoded_pngs(8), Geometry(24, resize=True), "test", skip_bad=False, workers=2)
 
 
 THREADED_CHILD = textwrap.dedent("""
@@ -155,7 +155,7 @@ THREADED_CHILD = textwrap.dedent("""
     import numpy as np
     from PIL import Image
     import train.decode
-    from train.decode import Policy, decode_all
+    from train.decode import Geometry, decode_all
 
     print("main ran")  # as train/main.py imports PyTorch: a worker that re-runs the script pays for it
     if __name__ == "__main__":
@@ -166,7 +166,7 @@ THREADED_CHILD = textwrap.dedent("""
             buffer = io.BytesIO()
             Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(buffer, format="PNG")
             raw.append({"bytes": buffer.getvalue(), "path": None})
-        images, _ = decode_all(raw, Policy(8, resize=False), "child", skip_bad=False, workers=2)
+        images, _ = decode_all(raw, Geometry(8, resize=False), "child", skip_bad=False, workers=2)
         assert [int(images[i, 0, 0, 0]) for i in range(64)] == list(range(64))
         print("decoded")
 """)
@@ -217,17 +217,17 @@ def test_a_decode_takes_the_memory_it_says_it_needs(monkeypatch, capsys, workers
     # at 224 px: 7.5 GB, chunks of 4 MB), so that what is measured is the output and its copies, if any.
     monkeypatch.setattr(train.decode, "CHUNK", 16)
     n, side, bad = 3000, 64, [5, 2000, 2001]
-    raw, policy = spoil(encoded_pngs(n, side), bad), Policy(side, resize=False)
+    raw, geometry = spoil(encoded_pngs(n, side), bad), Geometry(side, resize=False)
     output = (n - len(bad)) * 3 * side ** 2
-    needed = memory_needed(n, policy, workers)
+    needed = memory_needed(n, geometry, workers)
     assert n * 3 * side ** 2 <= needed <= 1.1 * n * 3 * side ** 2
-    decode_all(raw[:4], policy, "warm-up", skip_bad=True, workers=workers)  # first-use imports (PyTorch, PIL's)
+    decode_all(raw[:4], geometry, "warm-up", skip_bad=True, workers=workers)  # first-use imports (PyTorch, PIL's)
     capsys.readouterr()
     resident = reset_peak_rss()
     tracemalloc.start()  # numpy registers its arrays' memory with tracemalloc; PyTorch does not (measured by RSS)
     try:
         before = tracemalloc.get_traced_memory()[0]
-        images, rows = decode_all(raw, policy, "test", skip_bad=True, workers=workers)
+        images, rows = decode_all(raw, geometry, "test", skip_bad=True, workers=workers)
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
@@ -239,7 +239,7 @@ def test_a_decode_takes_the_memory_it_says_it_needs(monkeypatch, capsys, workers
 
 
 @pytest.mark.slow
-def test_the_policy_is_recorded_and_a_large_size_gap_warned_about(dataset_dir, tmp_path):
+def test_the_geometry_is_recorded_and_a_large_size_gap_warned_about(dataset_dir, tmp_path):
     out = tmp_path / "run"
     proc = check(run_main(["--dataset", str(dataset_dir), "--output-dir", str(out), *FAST, "--image-size", "128",
                            "--epochs", "1", "--max-steps", "1", "--limit-batches", "1"]))

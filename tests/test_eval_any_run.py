@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST, check, main_in_process, read_summary, run_main
+from conftest import FAST, check, main_in_process, once, read_summary, run_main
 from train.model_files import load_model
 from train.models import ModelSpec
 
@@ -33,13 +33,13 @@ def assert_reproduced(run, evaluated, loss_rel=1e-5):
     assert again["test_loss"] == pytest.approx(trained["test_loss"], rel=loss_rel)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stem_run(dataset_dir, tmp_path_factory):
-    """A CIFAR-stem MobileNet: built with other strides, the same weights load without complaint."""
-    out = tmp_path_factory.mktemp("stem") / "run"
-    check(main_in_process(["--dataset", str(dataset_dir), "--output-dir", str(out), *SHORT,
-                           "--arch", "mobilenet_v3_small", "--cifar-stem"]))
-    return out
+    """A CIFAR-stem MobileNet: built with other strides, the same weights load without complaint. Built once for
+    both pytest-xdist workers (its tests may run on either)."""
+    return once(tmp_path_factory, "stem", lambda folder: check(main_in_process(
+        ["--dataset", str(dataset_dir), "--output-dir", str(folder / "run"), *SHORT, "--arch", "mobilenet_v3_small",
+         "--cifar-stem"]))) / "run"
 
 
 @pytest.mark.slow

@@ -281,10 +281,10 @@ def test_same_seed_same_batch_and_each_image_its_own_draw(make):
 
 def test_batch_transform_uses_the_batched_policies():
     images = _images(64)
-    transform = BatchTransform(32, train=True, padding=0, policy="autoaugment", erasing=0.5)
-    assert isinstance(transform.policy, AutoAugment) and isinstance(transform.erasing, RandomErasing)
-    assert isinstance(BatchTransform(32, train=True, policy="randaugment").policy, RandAugment)
-    assert BatchTransform(32, train=True).policy is None
+    transform = BatchTransform(32, train=True, padding=0, auto_augment="autoaugment", erasing=0.5)
+    assert isinstance(transform.auto_augment, AutoAugment) and isinstance(transform.erasing, RandomErasing)
+    assert isinstance(BatchTransform(32, train=True, auto_augment="randaugment").auto_augment, RandAugment)
+    assert BatchTransform(32, train=True).auto_augment is None
     torch.manual_seed(6)
     a = transform(images)
     torch.manual_seed(6)
@@ -312,8 +312,8 @@ class _HostReads(TorchDispatchMode):
 
 
 def test_no_host_reads_in_the_batched_policies():
-    transform = BatchTransform(32, train=True, policy="autoaugment", erasing=0.5)
-    other = BatchTransform(32, train=True, policy="randaugment", erasing=0.5)
+    transform = BatchTransform(32, train=True, auto_augment="autoaugment", erasing=0.5)
+    other = BatchTransform(32, train=True, auto_augment="randaugment", erasing=0.5)
     images = _images(32)
     transform(images), other(images)  # the tables are made once per device, on first use
     with _HostReads() as reads:
@@ -327,8 +327,8 @@ def test_no_host_reads_in_the_batched_policies():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_no_sync_and_torchvisions_pixels():
     cuda = torch.device("cuda")
-    transform = BatchTransform(32, train=True, policy="autoaugment", erasing=0.5)
-    other = BatchTransform(32, train=True, policy="randaugment", erasing=0.5)
+    transform = BatchTransform(32, train=True, auto_augment="autoaugment", erasing=0.5)
+    other = BatchTransform(32, train=True, auto_augment="randaugment", erasing=0.5)
     images = _images(256).to(cuda)
     transform(images), other(images)
     torch.cuda.synchronize()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import (FAST, ROOT, assert_resumed, assert_same_run, call, check, main_in_process, read_summary,
+from conftest import (FAST, ROOT, assert_resumed, assert_same_run, call, check, main_in_process, once, read_summary,
                       resume_args, run_main)
 
 pytestmark = pytest.mark.slow
@@ -69,11 +69,11 @@ RECIPE = ["--ema-decay", "0.9", "--auto-augment", "autoaugment", "--random-erasi
           "--cutmix-alpha", "1.0", "--tta"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ema_run(dataset_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ema") / "run"
-    check(main_in_process([*resume_args(dataset_dir, out), *RECIPE, "--keep-checkpoints", "10"]))
-    return out
+    """Built once for both pytest-xdist workers (its tests may run on either)."""
+    return once(tmp_path_factory, "ema", lambda folder: check(main_in_process(
+        [*resume_args(dataset_dir, folder / "run"), *RECIPE, "--keep-checkpoints", "10"]))) / "run"
 
 
 def test_ema_weights_are_the_ones_validated_tested_and_saved(ema_run):

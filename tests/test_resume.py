@@ -14,6 +14,7 @@ import pytest
 from conftest import (FAST, LAUNCH, MAIN, ROOT, assert_resumed, assert_same_run, check, child_env, main_in_process,
                       read_summary, run_main)
 from conftest import resume_args as args
+from train import run_dir
 from train.checkpoint import Checkpointer
 from train.models import ModelSpec
 from synthetic import CLASS_NAMES
@@ -180,6 +181,7 @@ def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_pa
     name = checkpoints(out)[-1]
     newest = json.loads((out / "checkpoints" / name / "trainer_state.json").read_text())
     assert 3 <= newest["step"] < 24  # stopped within a step or so of the signal, long before the end
+    assert newest["format_version"] == run_dir.FORMAT_VERSION
     resumed = check(main_in_process(args(dataset_dir, out)))
     assert assert_resumed(resumed, STEPS) == (name, newest["step"])
     assert not (out / "PREEMPTED").exists()

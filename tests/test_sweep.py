@@ -77,6 +77,9 @@ BAD = {
                              "unrecognized arguments: --epoch-count"),
     "run cap of 0": ({"method": "bayes", "parameters": {"lr": {"min": 0.01, "max": 0.1}}},
                      "--run-cap must be at least 1"),
+    "sigma of 0": ({"method": "random", "run_cap": 2,
+                    "parameters": {"lr": {"distribution": "log_normal", "mu": -4, "sigma": 0}}},
+                   "sigma must be > 0, got 0"),
 }
 FIXED = {"swept and fixed": ["--lr", "0.5"], "unknown fixed option": ["--epoch-count", "3"],
          "run cap of 0": ["--run-cap", "0"]}
@@ -92,6 +95,17 @@ def test_a_bad_sweep_is_one_line_and_exit_2(tmp_path, dataset_dir, case):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0], lines[0]
     assert not folder.exists()  # nothing started
+
+
+def test_normal_distributions_take_mu_and_sigma_without_a_range(tmp_path):
+    """log_normal draws exp(normal(mu, sigma)): positive with no min (it was refused for lacking min > 0)."""
+    from train.sweep_config import load_sweep
+
+    file = write_sweep(tmp_path / "sweep.yaml", method="random", run_cap=2, parameters={
+        "lr": {"distribution": "log_normal", "mu": -4, "sigma": 0.5},
+        "weight_decay": {"distribution": "normal", "mu": 5e-4, "sigma": 1e-4}})
+    assert [(p.name, p.distribution, p.mu, p.sigma) for p in load_sweep(str(file)).parameters] == [
+        ("lr", "log_normal", -4.0, 0.5), ("weight_decay", "normal", 5e-4, 1e-4)]
 
 
 def test_an_unknown_parameter_error_lists_only_training_options(tmp_path, dataset_dir):

@@ -7,6 +7,7 @@ import yaml
 from safetensors import safe_open
 
 from conftest import FAST, check, main_in_process, read_metrics, read_summary, run_main
+from train import run_dir
 from train.process import native_bf16
 
 pytestmark = pytest.mark.slow
@@ -161,3 +162,5 @@ def test_a_compiled_model_is_saved_with_the_keys_an_eager_one_loads(parts_for, t
                ModelSpec.from_config(cfg, parts.class_names))
     eager = build_model("resnet18", len(parts.class_names))
     eager.load_state_dict(load_file(str(tmp_path / "model.safetensors")))  # strict: every key, no prefix
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:  # what a later reader checks
+        assert f.metadata()["format_version"] == str(run_dir.FORMAT_VERSION)

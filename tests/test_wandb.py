@@ -389,3 +389,22 @@ def test_installed_wandb_without_credentials_logs_offline_in_one_line(tmp_path):
     assert not [p for p in (tmp_path / "wb" / "wandb").glob("run-*")]  # no online run folder
     info = summary(run)
     assert info["name"] == "resnet18-lr0.02-bs32" and info["summary"]["_step"] == 1
+
+
+def test_attempts_that_ended_in_a_stall_tag_the_run_and_are_in_its_summary(offline_tracker, tmp_path):
+    """What train/process.py does as an attempt starts (and the stall watch as one stalls): the stalls stall.json
+    records, as stall.record wrote them, reach the W&B run."""
+    from train import stall
+
+    out = tmp_path / "run"
+    beats = {r: {"rank": r, "host": f"node{r}", "hostname": "h", "pid": r, "phase": stall.FETCH, "step": 4,
+                 "seconds": 7.0, "first": False, "waiting": r == 0, "state": "running", "beat": 1} for r in (0, 1)}
+    line = stall.stall_line(stall.Verdict([1], {1: "overdue"}), beats, out)
+    stall.record(out, stall.Verdict([1], {1: "overdue"}), beats, line, 5)
+    tracker = offline_tracker()
+    tracker.note_stalls(stall.earlier_stalls(out))
+    tracker.finish()
+    (run,) = offline_runs(tmp_path / "wb")
+    records = [r["run"] for r in wandb_records(run) if r.get("type") == "run"]
+    assert "stalled" in records[-1].get("tags", [])
+    assert summary(run)["summary"]["stalls"] == [line]

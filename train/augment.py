@@ -43,7 +43,7 @@ class BatchTransform:
     MixUp/CutMix (torchvision's, per batch), which turn labels into soft targets.
     """
 
-    def __init__(self, image_size: int, train: bool = False, padding: int = 4, policy: str = "none",
+    def __init__(self, image_size: int, train: bool = False, padding: int = 4, auto_augment: str = "none",
                  erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 0,
                  mean: tuple = MEAN, std: tuple = STD):
         from torchvision.transforms import v2
@@ -53,7 +53,7 @@ class BatchTransform:
         self.image_size, self.train, self.padding = image_size, train, padding
         self.mean, self.std, self._on_device = mean, std, {}
         policies = {"autoaugment": AutoAugment, "randaugment": RandAugment}
-        self.policy = policies[policy]() if policy in policies else None
+        self.auto_augment = policies[auto_augment]() if auto_augment in policies else None
         self.erasing = RandomErasing(p=erasing) if erasing else None
         mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
                  ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
@@ -62,8 +62,8 @@ class BatchTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.train:
             images = random_crop_flip(images, self.padding)
-            if self.policy:
-                images = self.policy(images)
+            if self.auto_augment:
+                images = self.auto_augment(images)
         x = images.float().div_(255)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",

@@ -92,7 +92,8 @@ class Checkpointer:
         return final
 
     def _write_rest(self, tmp: Path, state, weights: dict, preempted: bool) -> None:
-        (tmp / TRAINER_STATE).write_text(dumps({**self.identity, **dataclasses.asdict(state)}))
+        (tmp / TRAINER_STATE).write_text(dumps({**self.identity, **dataclasses.asdict(state),
+                                                "format_version": run_dir.FORMAT_VERSION}))
         for name, tensors in weights.items():
             if tensors is not None:
                 save_file(clean_keys(tensors), str(tmp / f"{name}.safetensors"))
@@ -140,7 +141,7 @@ class Checkpointer:
                                       f"from {manifest_file.name})")
         saved = json.loads((folder / TRAINER_STATE).read_text())
         for key, value in self.identity.items():
-            if saved.get(key, value) != value:  # older checkpoints recorded only arch and class names
+            if saved.get(key, value) != value:  # format 1: a checkpoint may record only arch and class names
                 raise CheckpointError(f"checkpoint {folder / TRAINER_STATE} is for {key} {saved.get(key)!r}, "
                                       f"this run has {value!r}")
         return saved

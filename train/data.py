@@ -78,7 +78,7 @@ class ImageData:
     class_names: list
     val_source: str  # where validation images come from, for the report
     skipped: dict = field(default_factory=dict)  # undecodable rows left out per split (--skip-bad-images)
-    decoded: str = ""  # the size policy, for config.yaml and the report
+    decoded: str = ""  # the decode geometry (decode.Geometry), for config.yaml and the report
     val_is_test: bool = False  # --val-size 0: the test split also chose the best epoch
 
     def limit(self, batches: int, batch_size: int, eval_batch_size: int, world_size: int) -> None:
@@ -111,7 +111,7 @@ def load_image_data(cfg) -> ImageData:
         if needed not in splits:
             raise UsageError(f"dataset {cfg.dataset} has no '{needed}' split (it has: {', '.join(splits)})")
     image_col, label_col, class_names = find_columns(splits["train"].features, cfg)
-    (train, test), skipped, policy = decode_splits([splits["train"], splits["test"]], ["train", "test"], image_col,
+    (train, test), skipped, geometry = decode_splits([splits["train"], splits["test"]], ["train", "test"], image_col,
                                                    label_col, len(class_names), cfg)
     held_out = cfg.val_images or cfg.val_size
     labels, rest = train.labels.numpy(), np.arange(len(train))
@@ -127,12 +127,12 @@ def load_image_data(cfg) -> ImageData:
     if not held_out:
         (train,) = train.split([rest])
         return ImageData(train, test, test, class_names, "the test split (--val-size 0)", skipped,
-                         policy.describe(), val_is_test=True)
+                         geometry.describe(), val_is_test=True)
     source = f"{len(val_idx)} images held out of the train split (stratified, seed {cfg.seed})"
     if cfg.train_images:
         source += f"; training uses {len(rest)} of the other {len(train) - len(val_idx)}"
     train, val = train.split([rest, val_idx])
-    return ImageData(train, val, test, class_names, source, skipped, policy.describe())
+    return ImageData(train, val, test, class_names, source, skipped, geometry.describe())
 
 
 def load_dataset_dict(name: str):
@@ -177,7 +177,7 @@ def find_columns(features, cfg):
 
 def decode_splits(datasets_: list, names: list, image_col, label_col, num_classes, cfg) -> tuple:
     """([Split per dataset], {name: rows skipped}, Policy): labels checked, images decoded under one size
-    policy, each split read from the decode cache when this exact data was decoded so before."""
+    geometry, each split read from the decode cache when this exact data was decoded so before."""
     labels = [_labels(ds, label_col, num_classes) for ds in datasets_]
     where = [f"dataset {cfg.dataset}, split '{name}', column '{image_col}'" for name in names]
     raw = [None] * len(datasets_)
@@ -190,21 +190,21 @@ def decode_splits(datasets_: list, names: list, image_col, label_col, num_classe
     commons = [_cached_json(_cache_file(ds, image_col, cfg.decode_cache, "sizes", ".json"),
                             lambda i=i: {"common": decode.common_size(column(i))})["common"]
                for i, ds in enumerate(datasets_)]
-    policy = decode.choose_policy(commons, cfg.decode_size, cfg.image_size)
-    tag = f"{policy.size}{'r' if policy.resize else ''}"
+    geometry = decode.choose_geometry(commons, cfg.decode_size, cfg.image_size)
+    tag = f"{geometry.size}{'r' if geometry.resize else ''}"
     splits, skipped = [], {}
     for i, ds in enumerate(datasets_):
         cache = _cache_file(ds, image_col, cfg.decode_cache, tag, ".safetensors")
         cached = _read_cache(cache, len(labels[i]), cfg.skip_bad_images) if cache else None
         if cached is None:
-            decode.check_memory(len(ds), policy, where[i])
-            cached = decode.decode_all(column(i), policy, where[i], cfg.skip_bad_images)
+            decode.check_memory(len(ds), geometry, where[i])
+            cached = decode.decode_all(column(i), geometry, where[i], cfg.skip_bad_images)
             if cache:
                 _write_cache(cache, *cached)
         images, rows = cached
         splits.append(Split(images, labels[i] if rows is None else labels[i][rows]))
         skipped[names[i]] = 0 if rows is None else len(labels[i]) - len(rows)
-    return splits, skipped, policy
+    return splits, skipped, geometry
 
 
 def encoded_images(ds, image_col: str) -> list:
@@ -324,6 +324,7 @@ def make_loader(split: Split, batch_size: int, *, shuffle_seed=None, num_workers
     sampler = EpochShuffle(len(split), shuffle_seed) if shuffle_seed is not None else None
     on_host = split.images.device.type == "cpu"
     return DataLoader(_Indices(len(split)), batch_size=batch_size, sampler=sampler,
-                      collate_fn=_GatherBatch(split, train=shuffle_seed is not None), num_workers=num_workers if on_host else 0,
+                      collate_fn=_GatherBatch(split, train=shuffle_seed is not None),
+                      num_workers=num_workers if on_host else 0,
                       pin_memory=on_host and torch.cuda.is_available(),
                       persistent_workers=num_workers > 0 and on_host)

@@ -1,6 +1,6 @@
-"""Images decoded once into uint8 tensors: one size policy for every split, memory checked first, in parallel.
+"""Images decoded once into uint8 tensors: one geometry for every split, memory checked first, in parallel.
 
-Policy: when every image of every split has one square size, images are kept as stored. Otherwise each
+The geometry: when every image of every split has one square size, images are kept as stored. Otherwise each
 is resized (shorter side, antialiased) and centre-cropped to a square of --decode-size pixels (default
 --image-size), so train and test see the same geometry and no image is stretched.
 """
@@ -20,7 +20,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
-class Policy:
+class Geometry:
     size: int  # side of the decoded square
     resize: bool  # False: every image already has this size
 
@@ -45,39 +45,39 @@ def common_size(raw: list):
     return list(sizes.pop()) if len(sizes) == 1 else None
 
 
-def choose_policy(commons: list, decode_size: int, image_size: int) -> Policy:
-    """One policy for all splits, from each split's common size (None: mixed sizes)."""
+def choose_geometry(commons: list, decode_size: int, image_size: int) -> Geometry:
+    """One geometry for all splits, from each split's common size (None: mixed sizes)."""
     first = commons[0]
     if first is not None and all(c == first for c in commons) and first[0] == first[1] and decode_size in (0, first[0]):
-        return Policy(first[0], resize=False)
-    return Policy(decode_size or image_size, resize=True)
+        return Geometry(first[0], resize=False)
+    return Geometry(decode_size or image_size, resize=True)
 
 
-def memory_needed(images: int, policy: Policy, workers: int = 0) -> int:
-    """Bytes decode_all needs at its peak for `images` images under `policy` with `workers` (counted as decode_all
+def memory_needed(images: int, geometry: Geometry, workers: int = 0) -> int:
+    """Bytes decode_all needs at its peak for `images` images under `geometry` with `workers` (counted as decode_all
     counts them): the output, plus, when decoding in parallel, the chunks in flight, one per worker, about 3
     chunks' bytes each: its encoded images (cut at about the bytes they decode to) pickled here while they
     are sent, and in the worker as received and as unpickled, then decoded there (measured: 3.2 with random
     pixels, whose PNGs are as large as their pixels). Decoded chunks are read straight into the output.
     PIL's own buffers, for one image at a time, are not counted."""
-    per_image, rows = _image_bytes(policy), _chunk_rows(policy)
+    per_image, rows = _image_bytes(geometry), _chunk_rows(geometry)
     workers = _workers(workers, -(-images // rows))
     return images * per_image + (0 if workers <= 1 else 3 * workers * rows * per_image)
 
 
-def check_memory(images: int, policy: Policy, where: str, workers: int = 0) -> None:
+def check_memory(images: int, geometry: Geometry, where: str, workers: int = 0) -> None:
     """Refuse, with the numbers and the options, a decode that would not fit in this machine's memory."""
     import psutil
 
-    needed = memory_needed(images, policy, workers)
+    needed = memory_needed(images, geometry, workers)
     available = psutil.virtual_memory().available
     if needed > 0.8 * available:
-        raise UsageError(f"{where}: decoding {images} images at {policy.size}x{policy.size} needs "
+        raise UsageError(f"{where}: decoding {images} images at {geometry.size}x{geometry.size} needs "
                          f"{needed / 1e9:.1f} GB of memory, {available / 1e9:.1f} GB is available; use a smaller "
                          "--decode-size, fewer images (--train-images) or a machine with more memory")
 
 
-def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: int = 0,
+def decode_all(raw: list, geometry: Geometry, where: str, skip_bad: bool, workers: int = 0,
                skipped_because: str = "--skip-bad-images", files: bool = False) -> tuple:
     """(uint8 (N, 3, S, S), indices of the rows kept or None when all were), decoded by `workers` processes
     (0: one per CPU this process may use). Each chunk of rows lands in its own place, so the result is the
@@ -86,16 +86,16 @@ def decode_all(raw: list, policy: Policy, where: str, skip_bad: bool, workers: i
 
     Memory: the output is allocated once, in its final layout, and each chunk is written into it as it
     arrives; rows left out are compacted in place and the result is a view of its first rows. The peak is
-    memory_needed(len(raw), policy, workers). `files`: `raw` are image files (named by path), not a dataset's rows."""
+    memory_needed(len(raw), geometry, workers). `files`: `raw` are image files (named by path), not a dataset's rows."""
     import torch
 
-    out = np.empty((len(raw), 3, policy.size, policy.size), dtype=np.uint8)
-    chunks = _chunks(raw, policy)
+    out = np.empty((len(raw), 3, geometry.size, geometry.size), dtype=np.uint8)
+    chunks = _chunks(raw, geometry)
     workers = _workers(workers, len(chunks))
     if workers > 1 and sys.executable:  # workers are interpreters: none where Python is embedded
-        failures = _decode_parallel(raw, policy, chunks, workers, out)
+        failures = _decode_parallel(raw, geometry, chunks, workers, out)
     else:
-        failures = _decode_rows(raw, policy, out, 0)
+        failures = _decode_rows(raw, geometry, out, 0)
     failures.sort()  # in row order
     for i, error in failures:
         path = f" ({raw[i]['path']})" if raw[i].get("path") else ""
@@ -117,7 +117,7 @@ CHUNK = 2048  # at most this many images per task
 CHUNK_BYTES = 4 << 20  # and at most this many bytes of decoded (and of encoded) images per task
 
 
-def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out: np.ndarray) -> list:
+def _decode_parallel(raw: list, geometry: Geometry, chunks: list, workers: int, out: np.ndarray) -> list:
     """Decode `chunks` of `raw` into `out` with `workers` worker processes (_with_workers); [(row, error text)].
 
     One thread per worker hands it one chunk at a time, its encoded images pickled, and reads the decoded
@@ -136,7 +136,7 @@ def _decode_parallel(raw: list, policy: Policy, chunks: list, workers: int, out:
                 if bounds is None:
                     return
                 start, stop = bounds
-                _write_message(worker.stdin, pickle.dumps((raw[start:stop], policy, start), pickle.HIGHEST_PROTOCOL))
+                _write_message(worker.stdin, pickle.dumps((raw[start:stop], geometry, start), pickle.HIGHEST_PROTOCOL))
                 failures.extend(pickle.loads(_read_message(worker.stdout)))
                 _read_exactly(worker.stdout, memoryview(out[start:stop]).cast("B"))
         except BaseException as e:  # a worker that died (EOF, broken pipe) or this process interrupted
@@ -197,10 +197,10 @@ def _serve() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     tasks = sys.stdin.buffer
     while (task := _read_message(tasks)) is not None:
-        items, policy, start = pickle.loads(task)
+        items, geometry, start = pickle.loads(task)
         del task
-        out = np.empty((len(items), 3, policy.size, policy.size), dtype=np.uint8)
-        failed = _decode_rows(items, policy, out, start)
+        out = np.empty((len(items), 3, geometry.size, geometry.size), dtype=np.uint8)
+        failed = _decode_rows(items, geometry, out, start)
         del items
         _write_message(results, pickle.dumps(failed))
         results.write(memoryview(out).cast("B"))
@@ -234,13 +234,13 @@ def _read_exactly(stream, view: memoryview) -> None:
         view = view[n:]
 
 
-def _decode_rows(items: list, policy: Policy, out: np.ndarray, start: int) -> list:
+def _decode_rows(items: list, geometry: Geometry, out: np.ndarray, start: int) -> list:
     """Decode `items` into `out` (one (3, S, S) row each), [(row, error text)] for those that fail; rows are
     numbered from `start`. A failed row is left as it was."""
     failed = []
     for j, item in enumerate(items):
         try:
-            out[j] = _decode(item, policy).transpose(2, 0, 1)
+            out[j] = _decode(item, geometry).transpose(2, 0, 1)
         except DECODE_ERRORS as e:  # as text: not every exception survives the trip back from a worker
             failed.append((start + j, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
     return failed
@@ -258,10 +258,10 @@ def _compact(out: np.ndarray, bad: list) -> np.ndarray:
     return out[:kept]
 
 
-def _chunks(raw: list, policy: Policy) -> list:
-    """[(start, stop)] rows per task: _chunk_rows(policy) rows at most, cut early once their encoded images reach
+def _chunks(raw: list, geometry: Geometry) -> list:
+    """[(start, stop)] rows per task: _chunk_rows(geometry) rows at most, cut early once their encoded images reach
     the bytes a full chunk decodes to (large files resized down)."""
-    rows, limit = _chunk_rows(policy), _chunk_rows(policy) * _image_bytes(policy)
+    rows, limit = _chunk_rows(geometry), _chunk_rows(geometry) * _image_bytes(geometry)
     chunks, start, size = [], 0, 0
     for i, item in enumerate(raw):
         size += len(item.get("bytes") or b"")
@@ -273,12 +273,12 @@ def _chunks(raw: list, policy: Policy) -> list:
     return chunks
 
 
-def _chunk_rows(policy: Policy) -> int:
-    return max(1, min(CHUNK, CHUNK_BYTES // _image_bytes(policy)))
+def _chunk_rows(geometry: Geometry) -> int:
+    return max(1, min(CHUNK, CHUNK_BYTES // _image_bytes(geometry)))
 
 
-def _image_bytes(policy: Policy) -> int:
-    return 3 * policy.size ** 2
+def _image_bytes(geometry: Geometry) -> int:
+    return 3 * geometry.size ** 2
 
 
 def _workers(workers: int, chunks: int) -> int:
@@ -288,18 +288,18 @@ def _workers(workers: int, chunks: int) -> int:
     return min(workers, chunks)
 
 
-def _decode(item, policy: Policy) -> np.ndarray:
+def _decode(item, geometry: Geometry) -> np.ndarray:
     with Image.open(_source(item)) as img:
         img = img.convert("RGB")  # decodes fully: a truncated file fails here, in its row
-    if policy.resize:
+    if geometry.resize:
         w, h = img.size
-        scale = policy.size / min(w, h)
-        w, h = max(policy.size, round(w * scale)), max(policy.size, round(h * scale))
+        scale = geometry.size / min(w, h)
+        w, h = max(geometry.size, round(w * scale)), max(geometry.size, round(h * scale))
         img = img.resize((w, h), Image.BILINEAR)  # PIL's resize filters antialias when shrinking
-        left, top = (w - policy.size) // 2, (h - policy.size) // 2
-        img = img.crop((left, top, left + policy.size, top + policy.size))
-    elif img.size != (policy.size, policy.size):
-        raise ValueError(f"image is {img.size[0]}x{img.size[1]}, its header said {policy.size}x{policy.size}")
+        left, top = (w - geometry.size) // 2, (h - geometry.size) // 2
+        img = img.crop((left, top, left + geometry.size, top + geometry.size))
+    elif img.size != (geometry.size, geometry.size):
+        raise ValueError(f"image is {img.size[0]}x{img.size[1]}, its header said {geometry.size}x{geometry.size}")
     return np.asarray(img)
 
 

@@ -52,7 +52,7 @@ class Totals:
 
     @classmethod
     def of(cls, saved) -> "Totals":
-        """From a checkpoint's record: a dict, or [loss sum, correct, seen] in older checkpoints."""
+        """From a checkpoint's record: a dict, or [loss sum, correct, seen] in some format-1 checkpoints."""
         return saved if isinstance(saved, Totals) else cls(**saved) if isinstance(saved, dict) else cls(*saved)
 
     def __add__(self, other: "Totals") -> "Totals":

@@ -16,7 +16,7 @@ import warnings
 if importlib.util.find_spec("train") is None:
     print("error: the `train` package is not importable: install the project (pip install -e .) or run "
           "`python -m train.main` from its folder", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(2)  # errors.EXIT_USAGE, which cannot be imported: it is the package that is missing
 
 from train import paths, preemption
 from train.archs import check_arch

@@ -40,7 +40,7 @@ def cpu_state_dict(model: torch.nn.Module) -> dict:
 
 
 def save_model(state_dict: dict, path: Path, spec: ModelSpec) -> None:
-    metadata = {**spec.to_metadata(), "format": "pt"}
+    metadata = {**spec.to_metadata(), "format": "pt", "format_version": str(run_dir.FORMAT_VERSION)}
     with writing(path):
         atomic_write(path, lambda tmp: save_file(clean_keys(state_dict), str(tmp), metadata=metadata))
 

@@ -56,7 +56,7 @@ class ModelSpec:
 
     @classmethod
     def missing_from_dict(cls, d: dict) -> set:
-        """Fields a file of an older run did not record (and ModelSpec filled with defaults)."""
+        """Fields a format-1 file (an older run's) did not record, and ModelSpec filled with defaults."""
         return {f.name for f in dataclasses.fields(cls)} - set(d)
 
 

@@ -69,14 +69,14 @@ def decode_inputs(spec, files: list, dataset: str, split: str, where: str, limit
     side = spec.decode_size or spec.image_size
     if dataset:
         raw, labels, names = dataset_images(dataset, split, spec)
-        policy = decode.choose_policy([decode.common_size(raw)], side, spec.image_size)
+        geometry = decode.choose_geometry([decode.common_size(raw)], side, spec.image_size)
     else:
         paths = image_files(files)
         raw, labels, names = [{"path": str(p), "bytes": None} for p in paths], None, [str(p) for p in paths]
-        policy = decode.Policy(side, resize=True)
+        geometry = decode.Geometry(side, resize=True)
     if limit:
         raw, names, labels = raw[:limit], names[:limit], labels[:limit] if labels is not None else None
-    images, rows = decode.decode_all(raw, policy, where, skip_bad=True, skipped_because="left out", files=not dataset)
+    images, rows = decode.decode_all(raw, geometry, where, skip_bad=True, skipped_because="left out", files=not dataset)
     if rows is not None:
         names, labels = [names[i] for i in rows.tolist()], labels[rows.numpy()] if labels is not None else None
     return images, labels, names, rows is not None

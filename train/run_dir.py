@@ -19,6 +19,10 @@ LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT = "loss.png", "accuracy.png", "confusio
 FIGURES = (LOSS_PLOT, ACCURACY_PLOT, CONFUSION_PLOT)
 CHECKPOINTS, MARKER = "checkpoints", "PREEMPTED"
 STALL_MARKER, STALL_REPORT = "STALLED", "stall.json"  # train/stall.py
+# The version of the records the code reads back: a model file's metadata and a checkpoint's trainer_state.json
+# carry it as "format_version". Records without it are format 1; the branches that read them say "format 1", and
+# can go once no format-1 run needs to be read.
+FORMAT_VERSION = 2
 
 
 def default_output_dir(arch: str) -> str:

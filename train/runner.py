@@ -64,8 +64,8 @@ def build_parts(cfg: Config, accelerator: Accelerator, data) -> Parts:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if cfg.compile:
         model = compile_model(model, cfg.compile_mode)
-    train_transform = BatchTransform(cfg.image_size, train=True, policy=cfg.auto_augment, erasing=cfg.random_erasing,
-                                     mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha,
+    train_transform = BatchTransform(cfg.image_size, train=True, auto_augment=cfg.auto_augment,
+                                     erasing=cfg.random_erasing, mixup=cfg.mixup_alpha, cutmix=cfg.cutmix_alpha,
                                      num_classes=len(data.class_names))
     return Parts(accelerator, model, optimizer, scheduler, train_loader, val_loader, train_transform,
                  BatchTransform(cfg.image_size), list(data.class_names))
@@ -153,21 +153,17 @@ class RunHooks(Hooks):
                          f"{values['train/images_per_second']:.0f} img/s")
 
     def on_epoch_end(self, state, record, improved):
-        stall.mark(stall.CHECKPOINT, state.step)  # the metrics, the best model and the epoch's checkpoint
+        """After validation, on every process, in this order: (1) the epoch to W&B; (2) an improved epoch's weights
+        kept as the best, on every rank (so the final test needs no shared filesystem; EMA buffers agreed first,
+        a collective); (3) the main process appends metrics.jsonl and writes the best model, files a person reads
+        at once; (4) every rank writes the checkpoint, which holds (2) and the history; (5) the sweep's pruner is
+        told of the epoch and may stop the trial at the next epoch's start; (6) the epoch's line."""
+        stall.mark(stall.CHECKPOINT, state.step)
         self.run.tracker.log(tracking.epoch_values(record), step=state.step)
-        if improved and self.ema:
-            self.ema.sync_buffers(self.parts.accelerator)
-        if improved:  # every rank keeps the best weights, so the final test needs no shared filesystem
-            self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
+        if improved:
+            self._keep_best()
         if self.run.is_main:
-            run_dir.append_metrics(self.run.out, record)
-            if improved:
-                save_model(self.best, self.run.out / run_dir.MODEL, self.spec)
-                if self.cfg.wandb_log_model == "best":
-                    metadata = {"model": self.spec.to_dict(), "epoch": record["epoch"],
-                                **{k: record[k] for k in ("val_loss", "val_acc", "val_f1_macro")}}
-                    stall.mark(stall.WANDB)
-                    self.run.tracker.log_model(model_files(self.run.out), record["epoch"], metadata)
+            self._write_epoch(record, improved)
         self.save(state)
         if self.reporter:
             self.pruned = self.reporter.epoch_end(record)
@@ -175,6 +171,22 @@ class RunHooks(Hooks):
                      f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
                      f"macro-F1 {record['val_f1_macro']:.4f} | {record['epoch_seconds']:.1f} s, "
                      f"{record['images_per_second']:.0f} img/s")
+
+    def _keep_best(self):
+        if self.ema:
+            self.ema.sync_buffers(self.parts.accelerator)
+        self.best = self.ema.cpu_state() if self.ema else cpu_state_dict(self.model)
+
+    def _write_epoch(self, record, improved):
+        run_dir.append_metrics(self.run.out, record)
+        if not improved:
+            return
+        save_model(self.best, self.run.out / run_dir.MODEL, self.spec)
+        if self.cfg.wandb_log_model == "best":
+            stall.mark(stall.WANDB)
+            metadata = {"model": self.spec.to_dict(), "epoch": record["epoch"],
+                        **{k: record[k] for k in ("val_loss", "val_acc", "val_f1_macro")}}
+            self.run.tracker.log_model(model_files(self.run.out), record["epoch"], metadata)
 
     def stop_requested(self):
         return preemption.requested()
@@ -229,7 +241,7 @@ def eval_spec(cfg: Config) -> tuple:
     """(weights, ModelSpec) of --checkpoint, from its own record; an option that contradicts it is an error.
     Sets cfg's model and input options from the record, before the data: the input size decides the decode."""
     state_dict, spec, unrecorded = load_model(cfg.checkpoint)
-    # Files of older runs lack the stem and input size: the command line may supply them.
+    # Format-1 files (older runs) may lack the stem and input size: the command line may supply them.
     supplied = unrecorded & cfg.given & {"cifar_stem", "image_size", "decode_size"}
     spec = dataclasses.replace(spec, **{name: getattr(cfg, name) for name in supplied})
     for name in ("arch", "cifar_stem", "image_size", "decode_size"):
@@ -353,8 +365,7 @@ def side_group(cfg: Config):
 def end_process_groups(accelerator: Accelerator) -> None:
     """Every rank, at the end: destroy the process groups (Accelerate's end_training, less the trackers) and
     drop the side group's last reference, so that its gloo threads end now. Left to interpreter exit, a thread
-    still joinable there is std::terminate: SIGABRT, a failed job, for a run that finished (seen once under
-    Slurm)."""
+    still joinable there is std::terminate: SIGABRT, and under Slurm a failed job, for a run that finished."""
     global _side_group
     accelerator.state.destroy_process_group()
     _side_group = (None, None)

@@ -129,7 +129,8 @@ def describe(rank: int, beat: dict, why: str) -> str:
     if why == "gone":
         return f"{who} is gone (killed, or out of memory), last seen in {where}"
     if why == "silent":
-        return f"{who} has sent no heartbeat for {beat['seconds']:.0f} s (frozen, or its node is gone), last seen in {where}"
+        return (f"{who} has sent no heartbeat for {beat['seconds']:.0f} s (frozen, or its node is gone), last seen in "
+                f"{where}")
     if why == "waiting":
         return f"{who} has waited for the others for {beat['seconds']:.0f} s in {where}"
     return f"{who} has been in {where} for {beat['seconds']:.0f} s"
@@ -221,7 +222,8 @@ class Watch(threading.Thread):
 
     def __init__(self, out: Path, timeout: float, rank: int, world: int, store=None, backend: str = ""):
         super().__init__(name="stall-watch", daemon=True)
-        self.out, self.timeout, self.rank, self.world, self.store, self.backend = out, timeout, rank, world, store, backend
+        self.out, self.timeout, self.rank, self.world = out, timeout, rank, world
+        self.store, self.backend = store, backend
         self.interval = max(0.2, min(5.0, timeout / 10))
         self.silent_after = min(timeout, 60.0)  # 12 missed beats at the default: not a scheduling hiccup
         self.host, self.pid, self.beats, self.main = socket.gethostname(), os.getpid(), 0, threading.main_thread().ident
@@ -237,20 +239,24 @@ class Watch(threading.Thread):
         now, frame = _now, sys._current_frames().get(self.main)
         self.beats += 1
         return {"rank": self.rank, "host": os.environ.get("SLURMD_NODENAME") or self.host, "hostname": self.host,
-                "pid": self.pid, "phase": now.phase, "step": now.step, "seconds": round(time.monotonic() - now.since, 1),
+                "pid": self.pid, "phase": now.phase, "step": now.step,
+                "seconds": round(time.monotonic() - now.since, 1),
                 "first": now.first, "waiting": _waiting(frame, self.world > 1), "state": self.state, "beat": self.beats}
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
             try:
                 self.check(self.beat())
-            except Exception as e:  # the watch must never be what stops a healthy run
+                self.store_failing_since = None
+            except (RuntimeError, OSError):  # the store did not answer (torch's DistStoreError is a RuntimeError)
+                self.store_failing()
+            except Exception as e:  # a bug here must never be what stops a healthy run
                 print(f"warning: the stall watch stopped ({first_line(e)})", file=sys.stderr, flush=True)
                 return
 
     def check(self, mine: dict) -> None:
-        if self.store is not None and not self.publish(mine):
-            return
+        if self.store is not None:
+            self.publish(mine)
         verdict = judge(self.everyone(mine), self.timeout) if overdue(mine, self.timeout) else None
         if verdict is None and self.store is not None:
             verdict = self.watch_next()
@@ -261,23 +267,20 @@ class Watch(threading.Thread):
     def key(self, name) -> str:
         return self.prefix + str(name)
 
-    def publish(self, mine: dict) -> bool:
-        """Publish this beat and follow a stall another process declared; False while the store does not answer."""
-        try:
-            self.store.set(self.key(f"beat/{self.rank}"), json.dumps(mine))
-            declared = self.store.check([self.key("stall")])
-        except Exception:
-            self.store_failing_since = self.store_failing_since or time.monotonic()
-            if time.monotonic() - self.store_failing_since > self.silent_after:
-                self.leave(f"error: the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                           f"{os.environ.get('MASTER_PORT')} (kept by machine rank 0's launcher) has not answered for "
-                           f"{self.silent_after:.0f} s: that node is gone or unreachable; continue with --resume auto",
-                           first=True)
-            return False
-        self.store_failing_since = None
-        if declared:
+    def publish(self, mine: dict) -> None:
+        """Publish this beat, and follow a stall another process declared."""
+        self.store.set(self.key(f"beat/{self.rank}"), json.dumps(mine))
+        if self.store.check([self.key("stall")]):
             self.leave(None, first=False)
-        return True
+
+    def store_failing(self) -> None:
+        """The store has not answered: once for longer than `silent_after`, the node that keeps it is gone."""
+        self.store_failing_since = self.store_failing_since or time.monotonic()
+        if time.monotonic() - self.store_failing_since > self.silent_after:
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            self.leave(f"error: the rendezvous store at {where} "
+                       f"(kept by machine rank 0's launcher) has not answered for {self.silent_after:.0f} s: that node "
+                       f"is gone or unreachable; continue with --resume auto", first=True)
 
     def read(self, rank: int) -> dict | None:
         key = self.key(f"beat/{rank}")
@@ -403,6 +406,8 @@ def start(out: Path, timeout: float, accelerator) -> Watch | None:
     store = _store() if accelerator.num_processes > 1 else None
     backend = accelerator.state.backend or "" if accelerator.num_processes > 1 else ""
     _watch = Watch(out, timeout, accelerator.process_index, accelerator.num_processes, store, backend)
+    if backend == "nccl":  # where torch's own flight-recorder dump goes, should its watchdog still come first
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(out / "nccl-trace-rank"))
     atexit.register(_watch.finish, "exited")  # an error of its own, or a normal end without finish()
     _watch.start()
     return _watch
@@ -417,5 +422,9 @@ def _store():
 
 
 def peer_failed() -> None:
+    """After a collective raised: name the peer that is gone, if one is (this then does not return)."""
     if _watch is not None:
-        _watch.peer_failed()
+        try:
+            _watch.peer_failed()
+        except Exception:  # the collective's own error is the one to show
+            pass

@@ -153,7 +153,19 @@ def parse_sweep(raw: dict, path: str = "<sweep>") -> Sweep:
     return Sweep(str(path), method, name, goal, params, min_iter, eta, run_cap)
 
 
+# The numeric checks of a ranged distribution, in order: (which numbers it needs, whether they hold, what to say).
+RANGE_CHECKS = (
+    (("min",), lambda p: p.min < p.max, lambda p: f"min must be below max, got min {p.min:g}, max {p.max:g}"),
+    (("min", "log"), lambda p: p.min > 0, lambda p: f"{p.distribution} needs min > 0, got {p.min:g}"),
+    (("q",), lambda p: p.q > 0, lambda p: f"q must be > 0, got {p.q:g}"),
+    (("sigma",), lambda p: p.sigma > 0, lambda p: f"sigma must be > 0, got {p.sigma:g}"),
+)
+INT_DISTRIBUTIONS = ("int_uniform", "q_uniform", "q_log_uniform_values", "q_normal")  # whole numbers out
+
+
 def _parameter(key: str, spec, fail) -> Parameter:
+    """One parameter of a sweep file, checked: a sweepable option, a known distribution with the keys it takes,
+    values of the option's type, numbers in range."""
     name = key.replace("-", "_")
     options = sweepable()
     if name not in options:
@@ -161,18 +173,7 @@ def _parameter(key: str, spec, fail) -> Parameter:
                                                                         f"({_hint(name, options)})"
         fail(f"parameter '{key}' {reason}")
     kind = Config.__dataclass_fields__[name].type
-    if not isinstance(spec, dict):
-        fail(f"parameter '{key}' must be a mapping: {{value: V}}, {{values: [...]}} or {{distribution: ..., "
-             f"min: ..., max: ...}}")
-    distribution = spec.get("distribution") or _implied(spec)
-    if distribution not in DISTRIBUTIONS:
-        fail(f"parameter '{key}': unknown distribution {distribution!r} (supported: {', '.join(DISTRIBUTIONS)})")
-    allowed = DISTRIBUTIONS[distribution] | {"distribution"}
-    extra = set(spec) - allowed
-    if extra or not (DISTRIBUTIONS[distribution] <= set(spec) or distribution in ("normal", "log_normal",
-                                                                                  "q_normal")):
-        fail(f"parameter '{key}': {distribution} takes {', '.join(sorted(DISTRIBUTIONS[distribution]))}, "
-             f"got {', '.join(sorted(spec))}")
+    distribution = _distribution(key, spec, fail)
     if distribution in ("constant", "categorical"):
         values = [spec["value"]] if distribution == "constant" else spec["values"]
         if not isinstance(values, list) or not values:
@@ -180,6 +181,27 @@ def _parameter(key: str, spec, fail) -> Parameter:
         for value in values:
             _check_type(key, value, kind, fail)
         return Parameter(name, distribution, tuple(kind(v) if kind is float else v for v in values))
+    return _ranged(key, name, distribution, spec, kind, fail)
+
+
+def _distribution(key: str, spec, fail) -> str:
+    """The distribution a parameter's mapping names or implies, once its keys are the ones it takes."""
+    if not isinstance(spec, dict):
+        fail(f"parameter '{key}' must be a mapping: {{value: V}}, {{values: [...]}} or {{distribution: ..., "
+             f"min: ..., max: ...}}")
+    distribution = spec.get("distribution") or _implied(spec)
+    if distribution not in DISTRIBUTIONS:
+        fail(f"parameter '{key}': unknown distribution {distribution!r} (supported: {', '.join(DISTRIBUTIONS)})")
+    extra = set(spec) - DISTRIBUTIONS[distribution] - {"distribution"}
+    if extra or not (DISTRIBUTIONS[distribution] <= set(spec) or distribution in ("normal", "log_normal",
+                                                                                  "q_normal")):
+        fail(f"parameter '{key}': {distribution} takes {', '.join(sorted(DISTRIBUTIONS[distribution]))}, "
+             f"got {', '.join(sorted(spec))}")
+    return distribution
+
+
+def _ranged(key: str, name: str, distribution: str, spec: dict, kind: type, fail) -> Parameter:
+    """A distribution over numbers (min/max, q, mu/sigma), checked against RANGE_CHECKS and the option's type."""
     if kind not in (int, float):
         fail(f"parameter '{key}' is a {kind.__name__} option: give it values, not a {distribution} distribution")
     numbers = {k: spec[k] for k in ("min", "max", "q", "mu", "sigma") if k in spec}
@@ -187,15 +209,11 @@ def _parameter(key: str, spec, fail) -> Parameter:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             fail(f"parameter '{key}': {k} must be a number, got {v!r}")
     p = Parameter(name, distribution, **{k: float(v) for k, v in numbers.items()})
-    if "min" in numbers and not p.min < p.max:
-        fail(f"parameter '{key}': min must be below max, got min {p.min:g}, max {p.max:g}")
-    if "log" in distribution and p.min <= 0:
-        fail(f"parameter '{key}': {distribution} needs min > 0, got {p.min:g}")
-    if "q" in numbers and p.q <= 0:
-        fail(f"parameter '{key}': q must be > 0, got {p.q:g}")
-    if "sigma" in numbers and p.sigma <= 0:
-        fail(f"parameter '{key}': sigma must be > 0, got {p.sigma:g}")
-    if kind is int and distribution not in ("int_uniform", "q_uniform", "q_log_uniform_values", "q_normal"):
+    for needs, holds, say in RANGE_CHECKS:
+        applies = all(n in numbers or n in distribution for n in needs)
+        if applies and not holds(p):
+            fail(f"parameter '{key}': {say(p)}")
+    if kind is int and distribution not in INT_DISTRIBUTIONS:
         fail(f"parameter '{key}' is a whole-number option: use int_uniform or a q_ distribution, not {distribution}")
     if kind is int and any(not float(v).is_integer() for k, v in numbers.items() if k in ("min", "max", "q")):
         fail(f"parameter '{key}' is a whole-number option: min, max and q must be whole numbers")
