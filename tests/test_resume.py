@@ -171,7 +171,9 @@ def _signal_when_training(proc, out, pid_dir, sig, rank=0, processes=1):
     return proc.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+# SIGUSR1 (Slurm's --signal=B:USR1@N). SIGTERM takes the same handler; a lone process gets it from `accelerate
+# launch` on Ctrl-C (test_terminal.py) and from `scontrol requeue` (test_slurm.py), each resumed exactly after.
+@pytest.mark.parametrize("sig", [signal.SIGUSR1])
 def test_signal_checkpoints_and_exits_for_requeue(dataset_dir, reference, tmp_path, sig):
     out, pids = tmp_path / "run", tmp_path / "pids"
     code, stdout, stderr = _signal_when_training(_start(args(dataset_dir, out), pids), out, pids, sig)
