@@ -159,10 +159,9 @@ def _with_workers(n: int, feed) -> list:
     process is interrupted meanwhile, kill them first.
 
     The workers are fresh interpreters running _serve, started with subprocess (fork and exec in C: safe in a
-    multi-threaded process, unlike the os.fork of multiprocessing's "fork", which Python 3.12 warns about).
-    Not multiprocessing's "spawn" or "forkserver": their workers re-import the main script (train/main.py, a
-    benchmark) and so PyTorch, seconds a worker (spawn always, forkserver on Python 3.10 to 3.12, which this
-    project supports). These import only numpy, PIL and this module."""
+    multi-threaded process, where a bare os.fork, multiprocessing's "fork", can deadlock the child on a lock another
+    thread held). Not multiprocessing's "spawn" or "forkserver" either: their workers may re-import the main script
+    (train/main.py, a benchmark) and so PyTorch, seconds a worker. These import only numpy, PIL and this module."""
     import subprocess
     import threading
 
