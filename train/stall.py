@@ -200,9 +200,12 @@ def _waiting(frame, several: bool) -> bool:
     """Whether a main-thread stack is inside a collective, waiting for the other processes."""
     while frame is not None and several:
         code = frame.f_code
-        if "/torch/distributed/" in code.co_filename or code.co_name in ("_exchange", "_gathered") and \
-                code.co_filename.endswith(os.path.join("train", "loop.py")) or code.co_name == "_engine_run_backward":
-            return True  # under DDP a backward waits for its gradient all-reduces
+        collective = "/torch/distributed/" in code.co_filename
+        loop_gather = code.co_name in ("_exchange", "_gathered") and code.co_filename.endswith(
+            os.path.join("train", "loop.py"))
+        backward = code.co_name == "_engine_run_backward"  # under DDP a backward waits for its gradient all-reduces
+        if collective or loop_gather or backward:
+            return True
         frame = frame.f_back
     return False
 
@@ -414,7 +417,8 @@ def start(out: Path, timeout: float, accelerator) -> Watch | None:
 
 
 def _store():
-    """A client of the launcher's rendezvous store (a connection of our own: the thread never shares one)."""
+    """A client of the launcher's rendezvous store: a connection of its own, which no collective waits behind
+    (TCPStore serialises the calls of this process's threads on it)."""
     import torch.distributed as dist
 
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
