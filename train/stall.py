@@ -421,8 +421,13 @@ def _store():
     (TCPStore serialises the calls of this process's threads on it)."""
     import torch.distributed as dist
 
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=30), wait_for_workers=False)
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=30), wait_for_workers=False)
+    except (KeyError, ValueError, RuntimeError) as e:  # launched without torchrun's store, or it cannot be reached
+        print(f"warning: the stall watch found no rendezvous store to share heartbeats on ({first_line(e)}): each "
+              f"process watches only itself", file=sys.stderr, flush=True)
+        return None
 
 
 def peer_failed() -> None:
