@@ -150,21 +150,14 @@ def stall_line(verdict: Verdict, beats: dict, out: Path) -> str:
 def record(out: Path, verdict: Verdict, beats: dict, line: str, timeout: float) -> int:
     """Write stall.json (every rank's last heartbeat, who is behind, the earlier stalls of this run) and the
     STALLED marker; return how many times the run has now stalled at this step."""
-    path = out / run_dir.STALL_REPORT
-    earlier = []
-    if path.is_file():
-        try:
-            before = json.loads(path.read_text())
-            earlier = before.get("earlier", []) + [{k: before[k] for k in ("step", "behind", "line", "attempt")}]
-        except (OSError, ValueError, KeyError):
-            pass
+    earlier = earlier_stalls(out)
     step = max(b["step"] for b in beats.values())
     same = 1 + sum(e["step"] == step for e in earlier)
     report = {"step": step, "behind": verdict.behind, "why": {str(r): w for r, w in verdict.why.items()},
               "line": line, "attempt": preemption.attempt(), "stall_timeout": timeout, "same_step": same,
               "ranks": [beats[r] for r in sorted(beats)], "earlier": earlier}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(dumps(report, indent=1) + "\n"))
+    atomic_write(out / run_dir.STALL_REPORT, lambda tmp: tmp.write_text(dumps(report, indent=1) + "\n"))
     (out / run_dir.STALL_MARKER).write_text(f"stalled at step {step} ({same} time{'s' if same > 1 else ''} at this "
                                             f"step); {preemption.attempt()}\n")
     return same
@@ -174,7 +167,7 @@ def earlier_stalls(out: Path) -> list:
     """This run's stalls, oldest first ({step, behind, line, attempt}), from stall.json; [] if it never stalled."""
     try:
         report = json.loads((out / run_dir.STALL_REPORT).read_text())
-        return report["earlier"] + [{k: report[k] for k in ("step", "behind", "line", "attempt")}]
+        return report.get("earlier", []) + [{k: report[k] for k in ("step", "behind", "line", "attempt")}]
     except (OSError, ValueError, KeyError):
         return []
 

@@ -182,12 +182,13 @@ class Tracker:
                   "the model")
 
     def add_tag(self, tag: str) -> None:
-        """Tag the W&B run (a sweep's pruned trial); a failure is a warning, as for all W&B errors."""
+        """Tag the W&B run (a sweep's pruned trial, a stalled run), once; a failure is a warning, as for all W&B
+        errors."""
         if not self.active:
             return
         try:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
-            run.tags = tuple(run.tags or ()) + (tag,)
+            run.tags = tuple(dict.fromkeys((*(run.tags or ()), tag)))
         except Exception as e:
             _warn(f"tagging the run failed ({first_line(e)})")
 
@@ -196,10 +197,9 @@ class Tracker:
         stall's line in its summary (`stalls`). Called as the next attempt starts, and as an attempt stalls."""
         if not self.active or not stalls:
             return
+        self.add_tag("stalled")
         try:
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-            run.tags = tuple(dict.fromkeys((*(run.tags or ()), "stalled")))
-            run.summary["stalls"] = [s["line"] for s in stalls]
+            self.accelerator.get_tracker("wandb", unwrap=True).summary["stalls"] = [s["line"] for s in stalls]
         except Exception as e:
             _warn(f"noting the stall failed ({first_line(e)})")
 
