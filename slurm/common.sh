@@ -128,15 +128,16 @@ clear_stale_marker() {
 
 requeue_if_preempted() {
     # RUN_DIR STATUS: requeue only for a marker this attempt wrote, at most MAX_REQUEUES times; say why.
-    local run_dir=$1 status=$2 attempt="slurm job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}" times
+    local run_dir=$1 status=$2 attempt="slurm job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}" times where
     if [ -f "$run_dir/STALLED" ] && grep -q "; $attempt\$" "$run_dir/STALLED"; then
-        times=$(sed -n 's/.*(\([0-9]*\) times\{0,1\} at this step).*/\1/p' "$run_dir/STALLED")
+        where=$(cut -d';' -f1 "$run_dir/STALLED")  # "stalled at step N (K times at this step)"
+        times=$(sed -n 's/.*(\([0-9]*\) times\{0,1\} at this step).*/\1/p' <<<"$where")
         if [ "${times:-1}" -ge 2 ]; then
-            echo "$(date +%T) not requeueing job $SLURM_JOB_ID: $(cut -d';' -f1 "$run_dir/STALLED"): a hang that" \
-                 "repeats at one step is not a one-off; see $run_dir/stall.json and stall-rank*.txt" >&2
+            echo "$(date +%T) not requeueing job $SLURM_JOB_ID: $where: a hang that repeats at one step is not a" \
+                 "one-off; see $run_dir/stall.json and stall-rank*.txt" >&2
             return 1
         fi
-        requeue_job "$(cut -d';' -f1 "$run_dir/STALLED") (see $run_dir/stall.json), newest complete checkpoint in $run_dir"
+        requeue_job "$where (see $run_dir/stall.json), newest complete checkpoint in $run_dir"
         return
     fi
     if [ ! -f "$run_dir/PREEMPTED" ] || ! grep -q "; $attempt\$" "$run_dir/PREEMPTED"; then
