@@ -8,9 +8,15 @@ from train import run_dir
 COMMON = ROOT / "slurm" / "common.sh"
 
 
+def run_shell(script: str, path: str = "/usr/bin:/bin", **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source {COMMON}; {script}"], capture_output=True, text=True,
+                          env={"PATH": path, **env})
+
+
 def shell(script: str, **env) -> str:
-    return subprocess.run(["bash", "-c", f"source {COMMON}; {script}"], capture_output=True, text=True, check=True,
-                          env={"PATH": "/usr/bin:/bin", **env}).stdout
+    proc = run_shell(script, **env)
+    proc.check_returncode()
+    return proc.stdout
 
 
 def test_rendezvous_ports_stay_below_the_ephemeral_range():
@@ -33,12 +39,10 @@ def test_a_stall_is_requeued_once_at_a_step_and_not_when_it_repeats_there(tmp_pa
     attempt = {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "1"}
     marker = tmp_path / run_dir.STALL_MARKER
     marker.write_text("stalled at step 9 (1 time at this step); slurm job 5 restart 1\n")
-    first = subprocess.run(["bash", "-c", f"source {COMMON}; requeue_if_preempted {tmp_path} 1"],
-                           capture_output=True, text=True, env={"PATH": "/bin", **attempt})  # no scontrol here
+    first = run_shell(f"requeue_if_preempted {tmp_path} 1", path="/bin", **attempt)  # no scontrol on /bin
     assert first.returncode == 0 and "stalled at step 9 (1 time at this step) (see " in first.stderr, first.stderr
     assert "requeueing job 5 (requeue 2 of at most 5)" in first.stderr
     marker.write_text("stalled at step 9 (2 times at this step); slurm job 5 restart 1\n")
-    again = subprocess.run(["bash", "-c", f"source {COMMON}; requeue_if_preempted {tmp_path} 1"],
-                           capture_output=True, text=True, env={"PATH": "/bin", **attempt})
+    again = run_shell(f"requeue_if_preempted {tmp_path} 1", path="/bin", **attempt)
     assert again.returncode == 1 and ("not requeueing job 5: stalled at step 9 (2 times at this step): a hang that "
                                       "repeats at one step is not a one-off") in again.stderr, again.stderr
